@@ -1,0 +1,33 @@
+"""Logging set-up: every record passes through a filter that masks NHS Numbers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from locator.nhs_number import redact_text
+
+
+class MaskNhsNumbers(logging.Filter):
+    """Masks anything that looks like a valid NHS Number in the final log message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MaskNhsNumbers())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
