@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import click
 from sqlalchemy import Engine
@@ -153,16 +153,24 @@ def check_exposure(settings: Settings, roles: set[str]) -> None:
         raise StartupError(
             f"refusing to serve the API on {http_host} without --jwks: open mode is loopback only"
         )
-    if "api" in roles and settings.jwks and not is_loopback(http_host) and not (
-        settings.jwt_issuer and settings.jwt_audience
+    if (
+        "api" in roles
+        and settings.jwks
+        and not is_loopback(http_host)
+        and not (settings.jwt_issuer and settings.jwt_audience)
     ):
         raise StartupError("--issuer and --audience are required when the API is not on loopback")
-    for role, tls in (("mllp", settings.mllp_tls_cert), ("dicom", settings.dicom_tls_cert)):
-        host = settings.listener_host(role)  # type: ignore[arg-type]
-        if role in roles and not is_loopback(host) and tls is None and not settings.allow_plain_feeds:
+    feeds: tuple[tuple[Literal["mllp", "dicom"], Path | None], ...] = (
+        ("mllp", settings.mllp_tls_cert),
+        ("dicom", settings.dicom_tls_cert),
+    )
+    for role, tls in feeds:
+        host = settings.listener_host(role)
+        plain_allowed = settings.allow_plain_feeds
+        if role in roles and not is_loopback(host) and tls is None and not plain_allowed:
             raise StartupError(
                 f"refusing a plain {role.upper()} listener on {host}: configure TLS "
-                "(LOCATOR_{role.upper()}_TLS_*) or pass --allow-plain-feeds with trusts' "
+                f"(LOCATOR_{role.upper()}_TLS_*) or pass --allow-plain-feeds with trusts' "
                 "source_addresses"
             )
 
@@ -184,7 +192,10 @@ class ApiListener:
         import uvicorn
 
         config = uvicorn.Config(
-            app, log_config=None, access_log=settings.access_log, lifespan="off",
+            app,
+            log_config=None,
+            access_log=settings.access_log,
+            lifespan="off",
             timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)
@@ -208,14 +219,15 @@ class ApiListener:
 async def start_listeners(
     settings: Settings, engine: Engine, factory: sessionmaker[Session], registry: TrustRegistry
 ) -> list[Listener]:
-    roles = {settings.only} if settings.only else {"api", "mllp", "dicom"}
+    roles = roles_of(settings)
     listeners: list[Listener] = []
     if "api" in roles:
         from locator.api.app import create_app
 
         app = create_app(settings, engine=engine, session_factory=factory, registry=registry)
-        api = ApiListener(app, bound_socket(settings.listener_host("http"), settings.http_port),
-                          settings)
+        api = ApiListener(
+            app, bound_socket(settings.listener_host("http"), settings.http_port), settings
+        )
         await api.start()
         listeners.append(api)
     if "mllp" in roles:
@@ -251,8 +263,12 @@ def announce(settings: Settings, listeners: list[Listener]) -> None:
         log.warning("OPEN MODE: no --jwks, the API answers anyone who can reach loopback")
 
 
+def roles_of(settings: Settings) -> set[str]:
+    return {settings.only} if settings.only else {"api", "mllp", "dicom"}
+
+
 async def run_service(settings: Settings) -> None:
-    roles = {settings.only} if settings.only else {"api", "mllp", "dicom"}
+    roles = roles_of(settings)
     check_exposure(settings, roles)
     engine = prepare_database(settings)
     factory = make_session_factory(engine)

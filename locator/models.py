@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -137,9 +138,7 @@ class StudyKey(SQLModel, table=True):
     trust_ods: str = Field(sa_column=Column(String(16), primary_key=True))
     kind: str = Field(sa_column=Column(String(8), primary_key=True))
     value: str = Field(sa_column=Column(String(64), primary_key=True))
-    study_id: str = Field(
-        sa_column=Column(String(32), ForeignKey("study.id"), nullable=False)
-    )
+    study_id: str = Field(sa_column=Column(String(32), ForeignKey("study.id"), nullable=False))
 
 
 class PatientAssertion(SQLModel, table=True):
@@ -152,9 +151,7 @@ class PatientAssertion(SQLModel, table=True):
         Index("ix_patient_assertion_trust_ods_local_id", "trust_ods", "local_id"),
     )
     id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
-    study_id: str = Field(
-        sa_column=Column(String(32), ForeignKey("study.id"), nullable=False)
-    )
+    study_id: str = Field(sa_column=Column(String(32), ForeignKey("study.id"), nullable=False))
     source: str = Field(sa_column=Column(String(200), nullable=False))
     patient_key: str = Field(sa_column=Column(String(80), nullable=False))
     trust_ods: str = Field(sa_column=Column(String(16), nullable=False))
@@ -180,13 +177,21 @@ class JournalEntry(SQLModel, table=True):
 
     __tablename__ = "journal"
     __table_args__ = (
-        Index("ix_journal_sender_app_sender_facility_control_id",
-              "sender_app", "sender_facility", "control_id"),
+        Index(
+            "ix_journal_sender_app_sender_facility_control_id",
+            "sender_app",
+            "sender_facility",
+            "control_id",
+        ),
         Index("ix_journal_trust_ods_received_at", "trust_ods", "received_at"),
         Index("ix_journal_outcome_received_at", "outcome", "received_at"),
     )
-    id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(
-        Integer, "sqlite"), primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
     received_at: datetime = _ts()
     feed: str = Field(sa_column=Column(String(8), nullable=False))
     trust_ods: str | None = Field(sa_column=Column(String(16)))
@@ -231,8 +236,12 @@ class AuditRecord(SQLModel, table=True):
         Index("ix_audit_nhs_number_recorded_at", "nhs_number", "recorded_at"),
         Index("ix_audit_recorded_at", "recorded_at"),
     )
-    id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(
-        Integer, "sqlite"), primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
     recorded_at: datetime = _ts()
     request_id: str = Field(sa_column=Column(String(100), nullable=False))
     action: str = Field(sa_column=Column(String(20), nullable=False))
@@ -256,3 +265,21 @@ class ServiceSetting(SQLModel, table=True):
     __tablename__ = "service_setting"
     key: str = Field(sa_column=Column(String(64), primary_key=True))
     value: str = Field(sa_column=Column(Text, nullable=False))
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+# Core tables for the hot paths (typed for mypy; SQLModel's class attributes are not).
+trust_table = _table(Trust)
+trust_alias_table = _table(TrustAlias)
+study_table = _table(Study)
+study_key_table = _table(StudyKey)
+patient_assertion_table = _table(PatientAssertion)
+local_link_table = _table(LocalLink)
+journal_table = _table(JournalEntry)
+mpps_step_table = _table(MppsStep)
+audit_table = _table(AuditRecord)
+service_setting_table = _table(ServiceSetting)

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from locator.models import Trust, TrustAlias, utcnow
+from locator.models import Trust, TrustAlias, trust_alias_table, trust_table, utcnow
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 AliasKind = Literal["facility", "ae_title", "tls_name"]
@@ -102,8 +102,12 @@ class TrustConfig:
     @classmethod
     def from_json(cls, text: str) -> TrustConfig:
         data = json.loads(text)
-        for key in ("hl7_sending_facilities", "dicom_ae_titles", "tls_client_names",
-                    "source_addresses"):
+        for key in (
+            "hl7_sending_facilities",
+            "dicom_ae_titles",
+            "tls_client_names",
+            "source_addresses",
+        ):
             data[key] = tuple(data.get(key) or ())
         return cls(**data)
 
@@ -239,19 +243,25 @@ def store_trusts(session: Session, *, trusts: Sequence[TrustConfig]) -> None:
     for trust in trusts:
         row = session.get(Trust, trust.ods_code)
         if row is None:
-            session.add(Trust(ods_code=trust.ods_code, name=trust.name, config=trust.to_json(),
-                              updated_at=now))
+            session.add(
+                Trust(
+                    ods_code=trust.ods_code, name=trust.name, config=trust.to_json(), updated_at=now
+                )
+            )
         else:
             row.name, row.config, row.updated_at = trust.name, trust.to_json(), now
         session.flush()
-        session.execute(delete(TrustAlias).where(TrustAlias.ods_code == trust.ods_code))
+        session.execute(
+            delete(trust_alias_table).where(trust_alias_table.c.ods_code == trust.ods_code)
+        )
         for kind, value in _aliases(trust):
             session.add(TrustAlias(kind=kind, value=value, ods_code=trust.ods_code))
     session.flush()
 
 
 def read_trusts(session: Session) -> list[TrustConfig]:
-    rows = session.execute(select(Trust.config).order_by(Trust.ods_code)).scalars()
+    stmt = select(trust_table.c.config).order_by(trust_table.c.ods_code)
+    rows = session.execute(stmt).scalars()
     return [TrustConfig.from_json(text) for text in rows]
 
 
