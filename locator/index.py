@@ -348,35 +348,27 @@ def _new_study(session: Session, trust: str, now: datetime) -> str:
 
 def _resolve(session: Session, trust: str, ref: StudyRef, now: datetime) -> str:
     """The surviving study for a reference: found by any of its keys, created when new, and
-    merged when its keys name two studies that turn out to be one."""
+    merged when its keys name two records that turn out to be one."""
     keys = _keys_of(ref)
     found = _find_keys(session, trust, keys)
-    ids = set(found.values())
-    if not ids:
-        study_id = _new_study(session, trust, now)
-    elif len(ids) == 1:
-        study_id = ids.pop()
+    by_uid = found.get((UID, ref.study_uid or ""))
+    by_acc = found.get((ACCESSION, ref.accession or ""))
+    if by_acc and ref.study_uid and by_acc != by_uid and _study_uids(session, by_acc):
+        # The accession already names a study with another Study UID: two studies share an
+        # accession. They are never joined; this UID keeps a record of its own.
+        log.warning("trust %s: an accession names studies with different Study UIDs", trust)
+        keys = [(UID, ref.study_uid)]
+        study_id = by_uid or _new_study(session, trust, now)
+    elif by_uid and by_acc and by_uid != by_acc:
+        study_id = merge_studies(session, ids=(by_uid, by_acc))
     else:
-        study_id = _join_two(session, trust, ref, found)
-    for kind, value in [key for key in keys if key not in found]:
-        session.execute(
-            insert(KEY).values(trust_ods=trust, kind=kind, value=value, study_id=study_id)
-        )
+        study_id = by_uid or by_acc or _new_study(session, trust, now)
+    for kind, value in keys:
+        if (kind, value) not in found:
+            session.execute(
+                insert(KEY).values(trust_ods=trust, kind=kind, value=value, study_id=study_id)
+            )
     return study_id
-
-
-def _join_two(
-    session: Session, trust: str, ref: StudyRef, found: dict[tuple[str, str], str]
-) -> str:
-    """The UID names one study and the accession another: one record unless the accession's
-    study already has a different Study UID (two studies sharing an accession: never merged)."""
-    by_uid = found[(UID, ref.study_uid or "")]
-    by_acc = found[(ACCESSION, ref.accession or "")]
-    other_uids = _study_uids(session, by_acc) - {ref.study_uid}
-    if other_uids:
-        log.warning("trust %s: accession names a study with another Study UID; not merged", trust)
-        return by_uid
-    return merge_studies(session, ids=(by_uid, by_acc))
 
 
 def merge_studies(session: Session, *, ids: tuple[str, str]) -> str:

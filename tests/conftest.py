@@ -31,7 +31,7 @@ def need_postgres() -> str:
     if PG_URL:
         return PG_URL
     if REQUIRE_PG:
-        pytest.fail("PostgreSQL required (LOCATOR_REQUIRE_POSTGRES=1) but no LOCATOR_TEST_POSTGRES_URL")
+        pytest.fail("LOCATOR_REQUIRE_POSTGRES=1 but LOCATOR_TEST_POSTGRES_URL is not set")
     pytest.skip("no PostgreSQL (set LOCATOR_TEST_POSTGRES_URL)")
 
 

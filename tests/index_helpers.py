@@ -1,0 +1,62 @@
+"""Helpers for index tests: build notices tersely, apply them, read studies back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from locator.db import transaction
+from locator.index import AppliedNotice, apply_notice
+from locator.models import study_key_table, study_table
+from locator.nhs_number import NhsNumber
+from locator.notice import FeedKind, PatientRef, StudyNotice, StudyRef
+
+NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def notice(
+    *refs: StudyRef,
+    trust: str = "RZZ01",
+    feed: FeedKind = FeedKind.HL7,
+    source: str = "hl7:CRIS",
+    nhs: str | None = None,
+    local: str | None = None,
+    withdrawn: bool = False,
+    at: datetime = NOW,
+) -> StudyNotice:
+    patient = PatientRef(
+        nhs_number=NhsNumber(nhs) if nhs else None, local_id=local, withdrawn=withdrawn
+    )
+    return StudyNotice(trust, feed, source, patient, tuple(refs), at)
+
+
+def apply_all(
+    factory: sessionmaker[Session], notices: Iterable[StudyNotice]
+) -> list[AppliedNotice]:
+    results = []
+    for n in notices:
+        with transaction(factory) as session:
+            results.append(apply_notice(session, notice=n))
+    return results
+
+
+def studies(factory: sessionmaker[Session], *, include_merged: bool = False) -> list[Any]:
+    with factory() as session:
+        stmt = select(study_table).order_by(study_table.c.created_at, study_table.c.id)
+        if not include_merged:
+            stmt = stmt.where(study_table.c.merged_into.is_(None))
+        return list(session.execute(stmt).all())
+
+
+def keys_of(factory: sessionmaker[Session], study_id: str) -> set[tuple[str, str]]:
+    with factory() as session:
+        rows = session.execute(
+            select(study_key_table.c.kind, study_key_table.c.value).where(
+                study_key_table.c.study_id == study_id
+            )
+        )
+        return {(r.kind, r.value) for r in rows}
