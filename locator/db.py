@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -86,3 +87,22 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A concurrent writer got there first (unique key, deadlock, serialisation failure):
+    the whole unit of work can simply be run again."""
+    if isinstance(exc, IntegrityError):
+        return True
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return code in ("40001", "40P01")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database is unavailable or busy (not the message's fault): retry later, never
+    answer the sender with an error it would treat as final."""
+    if is_conflict(exc):
+        return False
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
