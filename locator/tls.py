@@ -27,7 +27,8 @@ def peer_names(peercert: dict[str, Any] | None) -> list[str]:
     """Subject CN and DNS subjectAltNames of a verified client certificate."""
     if not peercert:
         return []
-    names = [value for rdn in peercert.get("subject", ()) for key, value in rdn
-             if key == "commonName"]
+    names = [
+        value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
     names += [value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"]
     return names
