@@ -143,6 +143,24 @@ def prepare_registry(settings: Settings, factory: sessionmaker[Session]) -> Trus
     return registry
 
 
+@main.command()
+@db_option
+def quarantine(database_url: str | None) -> None:
+    """List studies held back because their patient assertions conflict."""
+    from locator.index import list_quarantined
+
+    engine = prepare_database(_settings(database_url=database_url))
+    with make_session_factory(engine)() as session:
+        entries = list_quarantined(session)
+    for q in entries:
+        click.echo(
+            f"{q.study_id}\t{q.trust_ods}\tuid={q.study_uid or '-'}\tacc={q.accession or '-'}"
+        )
+        for source, claim in q.claims:
+            click.echo(f"\t{source} asserts {claim}")
+    click.echo(f"{len(entries)} quarantined stud{'y' if len(entries) == 1 else 'ies'}")
+
+
 # --------------------------------------------------------------------------- serve
 
 

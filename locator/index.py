@@ -625,3 +625,36 @@ def study_ids_for(
     """The studies a trust's key names (for the feeds' tests and the operators' tools)."""
     keys = _keys_of(StudyRef(study_uid=study_uid, accession=accession))
     return set(_find_keys(session, trust_ods, keys).values()) if keys else set()
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A study whose live patient assertions conflict, with who asserted what."""
+
+    study_id: str
+    trust_ods: str
+    study_uid: str | None
+    accession: str | None
+    claims: tuple[tuple[str, str], ...]  # (source, patient key with NHS Numbers masked)
+
+
+def list_quarantined(session: Session) -> list[Quarantined]:
+    """Studies held back from every patient until an operator resolves the conflict."""
+    studies = session.execute(
+        select(STUDY.c.id, STUDY.c.trust_ods, STUDY.c.study_uid, STUDY.c.accession)
+        .where(STUDY.c.patient_state == PatientState.QUARANTINED, STUDY.c.merged_into.is_(None))
+        .order_by(STUDY.c.trust_ods, STUDY.c.id)
+    ).all()
+    result = []
+    for s in studies:
+        claims = session.execute(
+            select(ASSERTION.c.source, ASSERTION.c.nhs_number, ASSERTION.c.local_id)
+            .where(ASSERTION.c.study_id == s.id, ASSERTION.c.withdrawn.is_(False))
+            .order_by(ASSERTION.c.source)
+        ).all()
+        shown = tuple(
+            (c.source, f"nhs:{mask(c.nhs_number)}" if c.nhs_number else f"local:{c.local_id}")
+            for c in claims
+        )
+        result.append(Quarantined(s.id, s.trust_ods, s.study_uid, s.accession, shown))
+    return result

@@ -295,3 +295,22 @@ def test_a_pointer_holds_no_names_or_report_text(registry: TrustRegistry) -> Non
 
     columns = {c.name for c in study_table.columns}
     assert not columns & {"name", "patient_name", "birth_date", "dob", "report", "text"}
+
+
+def test_quarantined_studies_are_listed_for_operators_with_masked_numbers(
+    session_factory: Factory, tmp_path: object
+) -> None:
+    from locator.index import list_quarantined
+
+    ref = StudyRef(accession="A1", status=StudyStatus.AVAILABLE)
+    apply_all(
+        session_factory,
+        [
+            notice(ref, nhs=ALICE, source="hl7:CRIS"),
+            notice(ref, nhs=BOB, feed=FeedKind.MPPS, source="mpps:1.2.3"),
+        ],
+    )
+    with session_factory() as session:
+        [entry] = list_quarantined(session)
+    assert entry.accession == "A1" and entry.trust_ods == "RZZ01"
+    assert entry.claims == (("hl7:CRIS", "nhs:******0018"), ("mpps:1.2.3", "nhs:******0026"))
