@@ -1,0 +1,115 @@
+"""The CapabilityStatement (`GET /fhir/metadata`), generated from what the server does.
+
+Search parameters come from the same registry the parser dispatches on
+(`search.IMAGING_STUDY_PARAMETERS`), so the statement cannot claim a parameter the parser
+does not take or omit one it does. The security section is built by `security_section`
+(the security work may extend it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from locator import __version__
+from locator.api.conformance import CONFORMANCE_DATE, ORGANIZATION_SEARCH_PARAMETER
+from locator.api.search import IMAGING_STUDY_PARAMETERS, ParamDef
+from locator.config import Settings
+
+FHIR_VERSION = "4.0.1"
+SECURITY_SERVICE_SYSTEM = "http://terminology.hl7.org/CodeSystem/restful-security-service"
+READ_ONLY = [{"code": "read"}, {"code": "search-type"}]
+
+
+def search_params(params: Sequence[ParamDef]) -> list[dict[str, Any]]:
+    declared = []
+    for p in params:
+        item: dict[str, Any] = {"name": p.name, "type": p.type, "documentation": p.documentation}
+        if p.definition:
+            item["definition"] = p.definition
+        declared.append(item)
+    return declared
+
+
+def security_section(settings: Settings) -> dict[str, Any]:
+    if settings.jwks:
+        return {
+            "cors": False,
+            "service": [
+                {
+                    "coding": [{"system": SECURITY_SERVICE_SYSTEM, "code": "SMART-on-FHIR"}],
+                    "text": "OAuth2 bearer tokens (JWT, RS256/ES256) with SMART scopes",
+                }
+            ],
+            "description": (
+                "Every request except metadata needs Authorization: Bearer <JWT> signed by a "
+                "configured JWKS key, with matching iss and aud. Scopes: user/ or system/ "
+                "ImagingStudy.read or .rs for ImagingStudy, Endpoint and Organization; "
+                "system/AuditEvent.read or .rs for AuditEvent. Every patient lookup is audited."
+            ),
+        }
+    return {
+        "cors": False,
+        "description": (
+            "OPEN MODE: no token is required because the API is bound to loopback only. "
+            "Every patient lookup is audited."
+        ),
+    }
+
+
+def _resource(rtype: str, profile: str | None = None, **extra: Any) -> dict[str, Any]:
+    res: dict[str, Any] = {"type": rtype}
+    if profile:
+        res["profile"] = profile
+    res["interaction"] = READ_ONLY
+    res.update(extra)
+    return res
+
+
+def capability_statement(
+    settings: Settings, *, base: str, extra_resources: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    imaging = _resource(
+        "ImagingStudy",
+        "http://hl7.org/fhir/StructureDefinition/ImagingStudy",
+        versioning="versioned",
+        readHistory=False,
+        searchInclude=["ImagingStudy:endpoint"],
+        searchParam=search_params(IMAGING_STUDY_PARAMETERS),
+    )
+    resources = [
+        imaging,
+        _resource("Endpoint", searchParam=[{"name": "organization", "type": "reference"}]),
+        _resource("Organization", searchParam=[{"name": "identifier", "type": "token"}]),
+        _resource("SearchParameter"),
+        _resource("StructureDefinition"),
+        *extra_resources,
+    ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "locator",
+        "url": f"{base}/metadata",
+        "version": __version__,
+        "name": "LocatorCapabilityStatement",
+        "title": "The locator: which NHS trust holds which imaging studies",
+        "status": "active",
+        "date": CONFORMANCE_DATE,
+        "publisher": "The locator",
+        "kind": "instance",
+        "software": {"name": "locator", "version": __version__},
+        "implementation": {"description": "Imaging study locator (FHIR R4)", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    "Read-only. A search must name a patient (NHS Number), an _id or a fully "
+                    f"qualified identifier. Custom search parameter: "
+                    f"{ORGANIZATION_SEARCH_PARAMETER['url']}."
+                ),
+                "security": security_section(settings),
+                "resource": resources,
+            }
+        ],
+    }
