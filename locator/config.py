@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     cursor_secret: str | None = None
     cursor_ttl_seconds: int = 3600
     patient_lookups_per_minute: int = 600
+    jwks_ca_file: Path | None = None  # CA bundle for an HTTPS JWKS URL (default: system CAs)
+    jwks_cache_seconds: float = 3600.0
+    jwks_refresh_min_seconds: float = 30.0  # rate limit on refetching for an unknown kid
+    token_endpoint: str | None = None  # advertised in smart-configuration and metadata
     allow_plain_feeds: bool = False
 
     # MLLP feed
