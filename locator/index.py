@@ -22,15 +22,18 @@ No HL7, no DICOM, no FHIR here; the session is the caller's and this module neve
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from locator.models import (
@@ -294,6 +297,8 @@ def fhir_status(facts: StudyFacts, patient: Patient) -> str:
 
 
 # --------------------------------------------------------------------------- SQL
+# The hot path uses Core statements on the session's connection: a new study costs about five
+# statements, an update of a known one about five too (stack-limits.md: ORM objects cost 5x).
 
 
 def _keys_of(ref: StudyRef) -> list[tuple[str, str]]:
@@ -305,95 +310,122 @@ def _keys_of(ref: StudyRef) -> list[tuple[str, str]]:
     return keys
 
 
-def _find_keys(
-    session: Session, trust: str, keys: list[tuple[str, str]]
-) -> dict[tuple[str, str], str]:
-    condition = or_(*(and_(KEY.c.kind == k, KEY.c.value == v) for k, v in keys))
-    rows = session.execute(
-        select(KEY.c.kind, KEY.c.value, KEY.c.study_id).where(KEY.c.trust_ods == trust, condition)
+# Statements are built once and executed with parameters: building and cache-keying a
+# statement per call costs more than running it on SQLite.
+_KEY_MATCH = {
+    UID: and_(KEY.c.kind == UID, KEY.c.value == bindparam("uid")),
+    ACCESSION: and_(KEY.c.kind == ACCESSION, KEY.c.value == bindparam("acc")),
+}
+_FIND: dict[tuple[str, ...], Any] = {
+    kinds: select(KEY.c.kind, KEY.c.value, STUDY)
+    .join(STUDY, STUDY.c.id == KEY.c.study_id)
+    .where(KEY.c.trust_ods == bindparam("trust"), or_(*(_KEY_MATCH[k] for k in kinds)))
+    .with_for_update(of=STUDY)
+    for kinds in ((UID,), (ACCESSION,), (UID, ACCESSION))
+}
+_LOAD = select(STUDY).where(STUDY.c.id == bindparam("study_id")).with_for_update()
+_INSERT_STUDY = insert(STUDY)
+_INSERT_KEY = insert(KEY)
+_INSERT_ASSERTION = insert(ASSERTION)
+_UPDATE_STUDY = update(STUDY).where(STUDY.c.id == bindparam("_study_id"))
+_STORED_ASSERTIONS = select(
+    ASSERTION.c.nhs_number, ASSERTION.c.local_id, ASSERTION.c.withdrawn
+).where(ASSERTION.c.study_id == bindparam("study_id"))
+_LINKS = select(LINK.c.local_id, LINK.c.nhs_number).where(
+    LINK.c.trust_ods == bindparam("trust"),
+    LINK.c.local_id.in_(bindparam("local_ids", expanding=True)),
+)
+_HELD_UNDER = select(ASSERTION.c.study_id).where(
+    ASSERTION.c.trust_ods == bindparam("trust"), ASSERTION.c.local_id == bindparam("local_id")
+)
+
+
+@functools.cache
+def _upserts(dialect: str) -> tuple[Any, Any]:
+    """The two ON CONFLICT statements, per backend: assertions (a withdrawal is permanent:
+    withdrawn = old OR new) and local-id links (kept once)."""
+    dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    assertion = dialect_insert(ASSERTION)
+    assertion = assertion.on_conflict_do_update(
+        index_elements=["study_id", "source", "patient_key"],
+        set_={"withdrawn": ASSERTION.c.withdrawn | assertion.excluded.withdrawn},
     )
-    return {(r.kind, r.value): r.study_id for r in rows}
+    link = dialect_insert(LINK).on_conflict_do_nothing()
+    return assertion, link
 
 
-def _load_studies(session: Session, ids: Iterable[str]) -> dict[str, Any]:
-    stmt = select(STUDY).where(STUDY.c.id.in_(sorted(set(ids)))).with_for_update()
-    return {row.id: row for row in session.execute(stmt)}
+def _find(conn: Connection, trust: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """The studies (locked for update) that a reference's keys already name."""
+    params = {"trust": trust, **{("uid" if k == UID else "acc"): v for k, v in keys}}
+    stmt = _FIND[tuple(k for k, _ in keys)]
+    return {(r.kind, r.value): r for r in conn.execute(stmt, params)}
 
 
-def _study_uids(session: Session, study_id: str) -> set[str]:
-    stmt = select(KEY.c.value).where(KEY.c.study_id == study_id, KEY.c.kind == UID)
-    return set(session.execute(stmt).scalars())
+def _load(conn: Connection, study_id: str) -> Any:
+    return conn.execute(_LOAD, {"study_id": study_id}).one()
 
 
-def _new_study(session: Session, trust: str, now: datetime) -> str:
-    study_id = uuid.uuid4().hex
-    facts = StudyFacts()
-    session.execute(
-        insert(STUDY).values(
-            id=study_id,
-            trust_ods=trust,
-            patient_state=PatientState.HELD,
-            status=StudyStatus.REGISTERED.value,
-            sort_time=now,
-            created_at=now,
-            first_seen=now,
-            last_seen=now,
-            updated_at=now,
-            version=0,
-            **columns_of_facts(facts),
-        )
-    )
-    return study_id
+@dataclass(slots=True)
+class _Target:
+    """The study one reference of a notice lands on: its stored row (None when this notice
+    creates it) and the keys the reference adds to it."""
+
+    id: str
+    row: Any | None
+    new_keys: list[tuple[str, str]]
 
 
-def _resolve(session: Session, trust: str, ref: StudyRef, now: datetime) -> str:
-    """The surviving study for a reference: found by any of its keys, created when new, and
-    merged when its keys name two records that turn out to be one."""
+def _resolve(conn: Connection, trust: str, ref: StudyRef) -> _Target:
+    """Find the study a reference names by any of its keys, merging two records that turn out
+    to be one; a new id when no key is known."""
     keys = _keys_of(ref)
-    found = _find_keys(session, trust, keys)
+    found = _find(conn, trust, keys)
     by_uid = found.get((UID, ref.study_uid or ""))
     by_acc = found.get((ACCESSION, ref.accession or ""))
-    if by_acc and ref.study_uid and by_acc != by_uid and _study_uids(session, by_acc):
-        # The accession already names a study with another Study UID: two studies share an
-        # accession. They are never joined; this UID keeps a record of its own.
+    if (
+        by_acc is not None
+        and ref.study_uid
+        and by_acc.study_uid is not None
+        and (by_uid is None or by_uid.id != by_acc.id)
+    ):
+        # The accession names a study with another Study UID: two studies share an accession.
+        # They are never joined; this UID keeps (or gets) a record of its own.
         log.warning("trust %s: an accession names studies with different Study UIDs", trust)
-        keys = [(UID, ref.study_uid)]
-        study_id = by_uid or _new_study(session, trust, now)
-    elif by_uid and by_acc and by_uid != by_acc:
-        study_id = merge_studies(session, ids=(by_uid, by_acc))
+        keys, row = [(UID, ref.study_uid)], by_uid
+    elif by_uid is not None and by_acc is not None and by_uid.id != by_acc.id:
+        row = _load(conn, merge_studies(conn, ids=(by_uid.id, by_acc.id)))
     else:
-        study_id = by_uid or by_acc or _new_study(session, trust, now)
-    for kind, value in keys:
-        if (kind, value) not in found:
-            session.execute(
-                insert(KEY).values(trust_ods=trust, kind=kind, value=value, study_id=study_id)
-            )
-    return study_id
+        row = by_uid if by_uid is not None else by_acc
+    study_id = row.id if row is not None else uuid.uuid4().hex
+    return _Target(study_id, row, [key for key in keys if key not in found])
 
 
-def merge_studies(session: Session, *, ids: tuple[str, str]) -> str:
-    """Merge two records of one study into the one created first; returns its id."""
-    rows = _load_studies(session, ids)
-    first, second = sorted(rows.values(), key=lambda r: (r.created_at, r.id))
+def merge_studies(conn: Connection, *, ids: tuple[str, str]) -> str:
+    """Merge two records of one study into the one created first; returns its id. The other
+    keeps a tombstone naming the survivor (its id answers 404 naming the survivor)."""
+    rows = [_load(conn, study_id) for study_id in sorted(ids)]
+    first, second = sorted(rows, key=lambda r: (r.created_at, r.id))
     survivor: str = first.id
     loser: str = second.id
     facts = facts_of_row(first).join(facts_of_row(second))
-    session.execute(update(KEY).where(KEY.c.study_id == loser).values(study_id=survivor))
-    _move_assertions(session, loser=loser, survivor=survivor)
-    session.execute(update(STUDY).where(STUDY.c.merged_into == loser).values(merged_into=survivor))
     last_seen = max(first.last_seen, second.last_seen)
-    session.execute(
+    conn.execute(update(KEY).where(KEY.c.study_id == loser).values(study_id=survivor))
+    _move_assertions(conn, loser=loser, survivor=survivor)
+    conn.execute(update(STUDY).where(STUDY.c.merged_into == loser).values(merged_into=survivor))
+    conn.execute(
         update(STUDY)
         .where(STUDY.c.id == survivor)
         .values(
             first_seen=min(first.first_seen, second.first_seen),
             last_seen=last_seen,
+            study_uid=_least(first.study_uid, second.study_uid),
+            accession=_least(first.accession, second.accession),
             version=STUDY.c.version + 1,
             updated_at=last_seen,
             **columns_of_facts(facts),
         )
     )
-    session.execute(
+    conn.execute(
         update(STUDY)
         .where(STUDY.c.id == loser)
         .values(
@@ -404,113 +436,103 @@ def merge_studies(session: Session, *, ids: tuple[str, str]) -> str:
     return survivor
 
 
-def _move_assertions(session: Session, *, loser: str, survivor: str) -> None:
+def _least(*values: str | None) -> str | None:
+    present = [v for v in values if v]
+    return min(present) if present else None
+
+
+def _move_assertions(conn: Connection, *, loser: str, survivor: str) -> None:
     kept = {
         (r.source, r.patient_key): r
-        for r in session.execute(select(ASSERTION).where(ASSERTION.c.study_id == survivor))
+        for r in conn.execute(select(ASSERTION).where(ASSERTION.c.study_id == survivor))
     }
-    for row in session.execute(select(ASSERTION).where(ASSERTION.c.study_id == loser)).all():
+    for row in conn.execute(select(ASSERTION).where(ASSERTION.c.study_id == loser)).all():
         known = kept.get((row.source, row.patient_key))
         if known is None:
-            session.execute(
+            conn.execute(
                 update(ASSERTION).where(ASSERTION.c.id == row.id).values(study_id=survivor)
             )
             continue
         if row.withdrawn and not known.withdrawn:
-            session.execute(
-                update(ASSERTION).where(ASSERTION.c.id == known.id).values(withdrawn=True)
-            )
-        session.execute(ASSERTION.delete().where(ASSERTION.c.id == row.id))
+            conn.execute(update(ASSERTION).where(ASSERTION.c.id == known.id).values(withdrawn=True))
+        conn.execute(ASSERTION.delete().where(ASSERTION.c.id == row.id))
 
 
-def _patient_keys(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
-    """(patient_key, nhs_number, local_id) rows a notice asserts or withdraws."""
-    keys: list[tuple[str, str | None, str | None]] = []
+def _claims(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
+    """(patient_key, nhs_number, local_id) a notice asserts or withdraws. With an NHS Number
+    the claim is the NHS Number (the local id becomes a link); a withdrawal withdraws both."""
+    claims: list[tuple[str, str | None, str | None]] = []
     if patient.nhs_number:
-        keys.append((f"nhs:{patient.nhs_number}", patient.nhs_number, None))
+        claims.append((f"nhs:{patient.nhs_number}", patient.nhs_number, None))
     if patient.local_id and (patient.withdrawn or not patient.nhs_number):
-        keys.append((f"local:{patient.local_id}", None, patient.local_id))
-    return keys
+        claims.append((f"local:{patient.local_id}", None, patient.local_id))
+    return claims
 
 
-def _assert_patient(session: Session, study_id: str, notice: StudyNotice, now: datetime) -> None:
-    patient = notice.patient
-    for patient_key, nhs, local in _patient_keys(patient):
-        existing = session.execute(
-            select(ASSERTION.c.id, ASSERTION.c.withdrawn).where(
-                ASSERTION.c.study_id == study_id,
-                ASSERTION.c.source == notice.source,
-                ASSERTION.c.patient_key == patient_key,
-            )
-        ).first()
-        if existing is None:
-            session.execute(
-                insert(ASSERTION).values(
-                    study_id=study_id,
-                    source=notice.source,
-                    patient_key=patient_key,
-                    trust_ods=notice.trust_ods,
-                    nhs_number=nhs,
-                    local_id=local,
-                    withdrawn=patient.withdrawn,
-                    first_seen=now,
-                )
-            )
-        elif patient.withdrawn and not existing.withdrawn:
-            session.execute(
-                update(ASSERTION).where(ASSERTION.c.id == existing.id).values(withdrawn=True)
-            )
+def _assertion_rows(notice: StudyNotice, study_id: str, now: datetime) -> list[dict[str, Any]]:
+    return [
+        {
+            "study_id": study_id,
+            "source": notice.source,
+            "patient_key": key,
+            "trust_ods": notice.trust_ods,
+            "nhs_number": nhs,
+            "local_id": local,
+            "withdrawn": notice.patient.withdrawn,
+            "first_seen": now,
+        }
+        for key, nhs, local in _claims(notice.patient)
+    ]
 
 
-def _link_local(session: Session, notice: StudyNotice, now: datetime) -> list[str]:
-    """Record that the trust ties a local id to an NHS Number; return the studies held
-    under that local id, whose patient must be derived again."""
+def _record_assertions(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert this notice's claims; a withdrawal is permanent (withdrawn = old OR new)."""
+    if rows:
+        conn.execute(_upserts(conn.dialect.name)[0], rows)
+
+
+def _record_link(conn: Connection, notice: StudyNotice, now: datetime) -> bool:
+    """Record that the trust ties a local id to an NHS Number; True when the link is new."""
     patient = notice.patient
     if not (patient.nhs_number and patient.local_id):
-        return []
-    exists = session.execute(
-        select(LINK.c.nhs_number).where(
-            LINK.c.trust_ods == notice.trust_ods,
-            LINK.c.local_id == patient.local_id,
-            LINK.c.nhs_number == patient.nhs_number,
-        )
-    ).first()
-    if exists is not None:
-        return []
-    session.execute(
-        insert(LINK).values(
-            trust_ods=notice.trust_ods,
-            local_id=patient.local_id,
-            nhs_number=patient.nhs_number,
-            first_seen=now,
-        )
-    )
-    stmt = select(ASSERTION.c.study_id).where(
-        ASSERTION.c.trust_ods == notice.trust_ods, ASSERTION.c.local_id == patient.local_id
-    )
-    return sorted(set(session.execute(stmt).scalars()))
+        return False
+    row = {
+        "trust_ods": notice.trust_ods,
+        "local_id": patient.local_id,
+        "nhs_number": patient.nhs_number,
+        "first_seen": now,
+    }
+    return bool(conn.execute(_upserts(conn.dialect.name)[1], row).rowcount)
 
 
-def _derive(session: Session, trust: str, study_id: str) -> Patient:
-    rows = session.execute(
-        select(ASSERTION.c.nhs_number, ASSERTION.c.local_id, ASSERTION.c.withdrawn).where(
-            ASSERTION.c.study_id == study_id
-        )
-    ).all()
-    assertions = [Assertion(r.nhs_number, r.local_id, bool(r.withdrawn)) for r in rows]
+def _links(
+    conn: Connection, trust: str, assertions: Sequence[Assertion]
+) -> dict[str, frozenset[str]]:
     local_ids = sorted({a.local_id for a in assertions if a.local_id and not a.withdrawn})
-    links: dict[str, frozenset[str]] = {}
-    if local_ids:
-        link_rows = session.execute(
-            select(LINK.c.local_id, LINK.c.nhs_number).where(
-                LINK.c.trust_ods == trust, LINK.c.local_id.in_(local_ids)
-            )
-        )
-        grouped: dict[str, set[str]] = {}
-        for r in link_rows:
-            grouped.setdefault(r.local_id, set()).add(r.nhs_number)
-        links = {k: frozenset(v) for k, v in grouped.items()}
-    return derive_patient(assertions, links)
+    if not local_ids:
+        return {}
+    grouped: dict[str, set[str]] = {}
+    for r in conn.execute(_LINKS, {"trust": trust, "local_ids": local_ids}):
+        grouped.setdefault(r.local_id, set()).add(r.nhs_number)
+    return {k: frozenset(v) for k, v in grouped.items()}
+
+
+def _stored_assertions(conn: Connection, study_id: str) -> list[Assertion]:
+    rows = conn.execute(_STORED_ASSERTIONS, {"study_id": study_id})
+    return [Assertion(r.nhs_number, r.local_id, bool(r.withdrawn)) for r in rows]
+
+
+def _derived_columns(
+    facts: StudyFacts, patient: Patient, assertions: Sequence[Assertion], first_seen: datetime
+) -> dict[str, Any]:
+    return {
+        **columns_of_facts(facts),
+        "nhs_number": patient.nhs_number,
+        "patient_state": patient.state,
+        "local_id": _least(*(a.local_id for a in assertions)),
+        "status": fhir_status(facts, patient),
+        "sort_time": facts.started or first_seen,
+    }
 
 
 _VISIBLE = (
@@ -535,96 +557,122 @@ _VISIBLE = (
 )
 
 
-def _refresh(session: Session, study_id: str, now: datetime, extra: StudyFacts | None) -> bool:
-    """Write a study's derived columns; bump its version only when something changed."""
-    row = session.execute(select(STUDY).where(STUDY.c.id == study_id).with_for_update()).one()
-    facts = facts_of_row(row) if row.version else StudyFacts()
-    if extra is not None:
-        facts = facts.join(extra)
-    patient = _derive(session, row.trust_ods, study_id)
-    primary = _primary_keys(session, study_id)
-    local_id = session.execute(
-        select(func.min(ASSERTION.c.local_id)).where(ASSERTION.c.study_id == study_id)
-    ).scalar()
-    values: dict[str, Any] = {
-        **columns_of_facts(facts),
-        **primary,
-        "nhs_number": patient.nhs_number,
-        "patient_state": patient.state,
-        "local_id": local_id,
-        "status": fhir_status(facts, patient),
-        "sort_time": facts.started or row.first_seen,
-    }
-    changed = row.version == 0 or any(
-        _differs(getattr(row, name), values[name]) for name in _VISIBLE
-    )
-    if changed:
-        values |= {"version": row.version + 1, "updated_at": now}
-        if patient.state == PatientState.QUARANTINED and row.patient_state != patient.state:
-            log.warning("study %s quarantined: its patient assertions conflict", study_id)
-    values["last_seen"] = max(row.last_seen, now) if extra is not None else row.last_seen
-    session.execute(update(STUDY).where(STUDY.c.id == study_id).values(**values))
-    return changed
-
-
 def _differs(old: Any, new: Any) -> bool:
     if isinstance(old, datetime) and isinstance(new, datetime):
         return old.astimezone(UTC) != new.astimezone(UTC)
     return bool(old != new)
 
 
-def _primary_keys(session: Session, study_id: str) -> dict[str, str | None]:
-    rows = session.execute(
-        select(KEY.c.kind, func.min(KEY.c.value))
-        .where(KEY.c.study_id == study_id)
-        .group_by(KEY.c.kind)
-    ).all()
-    found = {kind: value for kind, value in rows}
-    return {"study_uid": found.get(UID), "accession": found.get(ACCESSION)}
+def _insert_keys(conn: Connection, trust: str, study_id: str, keys: list[tuple[str, str]]) -> None:
+    if keys:
+        rows = [{"trust_ods": trust, "kind": k, "value": v, "study_id": study_id} for k, v in keys]
+        conn.execute(_INSERT_KEY, rows)
+
+
+def _create(conn: Connection, notice: StudyNotice, target: _Target, facts: StudyFacts) -> None:
+    """A study this notice creates: every column computed before the one INSERT."""
+    now, trust = notice.received_at, notice.trust_ods
+    rows = _assertion_rows(notice, target.id, now)
+    assertions = [Assertion(r["nhs_number"], r["local_id"], r["withdrawn"]) for r in rows]
+    patient = derive_patient(assertions, _links(conn, trust, assertions))
+    uids = [v for k, v in target.new_keys if k == UID]
+    accessions = [v for k, v in target.new_keys if k == ACCESSION]
+    conn.execute(
+        insert(STUDY).values(
+            id=target.id,
+            trust_ods=trust,
+            study_uid=_least(*uids),
+            accession=_least(*accessions),
+            created_at=now,
+            first_seen=now,
+            last_seen=now,
+            updated_at=now,
+            version=1,
+            **_derived_columns(facts, patient, assertions, now),
+        )
+    )
+    _insert_keys(conn, trust, target.id, target.new_keys)
+    conn.execute(insert(ASSERTION), rows)
+
+
+def _update(
+    conn: Connection,
+    study_id: str,
+    row: Any,
+    now: datetime,
+    facts: StudyFacts | None,
+    new_keys: list[tuple[str, str]],
+) -> bool:
+    """Derive a stored study again after this notice; bump its version only on a change."""
+    assertions = _stored_assertions(conn, study_id)
+    patient = derive_patient(assertions, _links(conn, row.trust_ods, assertions))
+    joined = facts_of_row(row) if facts is None else facts_of_row(row).join(facts)
+    values = _derived_columns(joined, patient, assertions, row.first_seen)
+    values["study_uid"] = _least(row.study_uid, *(v for k, v in new_keys if k == UID))
+    values["accession"] = _least(row.accession, *(v for k, v in new_keys if k == ACCESSION))
+    changed = any(_differs(getattr(row, name), values[name]) for name in _VISIBLE)
+    if changed:
+        values |= {"version": row.version + 1, "updated_at": now}
+        if patient.state == PatientState.QUARANTINED != row.patient_state:
+            log.warning("study %s quarantined: its patient assertions conflict", study_id)
+    if facts is not None:
+        values["last_seen"] = max(row.last_seen, now)
+    if changed or facts is not None:
+        conn.execute(_UPDATE_STUDY, {"_study_id": study_id, **values})
+    return changed
+
+
+def _apply_ref(conn: Connection, notice: StudyNotice, ref: StudyRef) -> tuple[str, bool]:
+    target = _resolve(conn, notice.trust_ods, ref)
+    facts = facts_of_ref(notice, ref)
+    if target.row is None:
+        _create(conn, notice, target, facts)
+        return target.id, True
+    _insert_keys(conn, notice.trust_ods, target.id, target.new_keys)
+    _record_assertions(conn, _assertion_rows(notice, target.id, notice.received_at))
+    changed = _update(conn, target.id, target.row, notice.received_at, facts, target.new_keys)
+    return target.id, changed
+
+
+def _relink(conn: Connection, notice: StudyNotice, skip: set[str]) -> bool:
+    """A new local-id link: every study held under that local id is derived again."""
+    params = {"trust": notice.trust_ods, "local_id": notice.patient.local_id}
+    changed = False
+    for study_id in sorted(set(conn.execute(_HELD_UNDER, params).scalars()) - skip):
+        row = _load(conn, study_id)
+        changed |= _update(conn, study_id, row, notice.received_at, None, [])
+    return changed
 
 
 def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
-    """Apply one notice: resolve (and merge) its studies, join their facts, record the
-    patient assertions and local links, derive each touched study's patient."""
-    now = notice.received_at
-    touched: list[str] = []
+    """Apply one notice: record the local-id link it states, resolve (and merge) each study it
+    names, join their facts, record its patient assertions, and derive each touched study's
+    patient again."""
+    conn = session.connection()
+    new_link = _record_link(conn, notice, notice.received_at)
+    touched: dict[str, None] = {}
+    changed = False
     for ref in notice.studies:
         if not (ref.study_uid or ref.accession):
             raise ValueError("a study reference needs a Study UID or an accession")
-        study_id = _resolve(session, notice.trust_ods, ref, now)
-        _assert_patient(session, study_id, notice, now)
-        touched.append(study_id)
-    relinked = _link_local(session, notice, now)
-    changed = False
-    contributions: dict[str, StudyFacts] = {}
-    for ref, study_id in zip(notice.studies, touched, strict=True):
-        survivor = _survivor(session, study_id)
-        facts = facts_of_ref(notice, ref)
-        contributions[survivor] = (
-            contributions[survivor].join(facts) if survivor in contributions else facts
-        )
-    for study_id, facts in contributions.items():
-        changed |= _refresh(session, study_id, now, facts)
-    for study_id in relinked:
-        if study_id not in contributions:
-            changed |= _refresh(session, _survivor(session, study_id), now, None)
-    if notice.patient.nhs_number:
-        log.debug("applied notice for %s", mask(notice.patient.nhs_number))
-    return AppliedNotice(tuple(dict.fromkeys(contributions)), changed)
-
-
-def _survivor(session: Session, study_id: str) -> str:
-    """Follow merged_into (a study merged by a later reference of the same notice)."""
-    merged = session.execute(select(STUDY.c.merged_into).where(STUDY.c.id == study_id)).scalar()
-    return merged or study_id
+        study_id, ref_changed = _apply_ref(conn, notice, ref)
+        touched[study_id] = None
+        changed |= ref_changed
+    if new_link:
+        changed |= _relink(conn, notice, set(touched))
+    if changed and notice.patient.nhs_number:
+        log.debug("applied a notice for %s", mask(notice.patient.nhs_number))
+    return AppliedNotice(tuple(touched), changed)
 
 
 def study_ids_for(
     session: Session, *, trust_ods: str, study_uid: str | None = None, accession: str | None = None
 ) -> set[str]:
-    """The studies a trust's key names (for the feeds' tests and the operators' tools)."""
+    """The studies a trust's keys name (for the feeds' tests and the operators' tools)."""
     keys = _keys_of(StudyRef(study_uid=study_uid, accession=accession))
-    return set(_find_keys(session, trust_ods, keys).values()) if keys else set()
+    if not keys:
+        return set()
+    return {row.id for row in _find(session.connection(), trust_ods, keys).values()}
 
 
 @dataclass(frozen=True, slots=True)
