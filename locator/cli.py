@@ -369,5 +369,31 @@ def openapi() -> None:
     click.echo(openapi_document())
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where `serve` runs.")
+@click.option("--mllp-port", default=2575, show_default=True)
+@click.option("--dicom-port", default=11112, show_default=True)
+@click.option("--dicom-ae", default="LOCATOR", show_default=True, help="The MPPS SCP's AE title.")
+@click.option("--http-port", default=8080, show_default=True, help="Only to print the page URL.")
+def demo(host: str, mllp_port: int, dicom_port: int, dicom_ae: str, http_port: int) -> None:
+    """Feed sample ORU and MPPS through a running `serve`'s real listeners."""
+    from ingest.demo import DemoError, patient_lines, run_demo
+
+    try:
+        result = run_demo(
+            host=host, mllp_port=mllp_port, dicom_port=dicom_port, dicom_ae=dicom_ae, say=click.echo
+        )
+    except DemoError as exc:
+        raise click.ClickException(f"{exc} (is `locator serve` running?)") from exc
+    click.echo(f"sent: {result.mpps_steps} MPPS steps, {result.messages_accepted} ORU accepted")
+    for refused in result.messages_refused:
+        click.echo(f"refused: {refused}", err=True)
+    click.echo(f"open http://{host}:{http_port}/ and try these NHS Numbers:")
+    for line in patient_lines():
+        click.echo(line)
+    if result.messages_refused:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
