@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     dicom_tls_key: Path | None = None
     dicom_tls_client_ca: Path | None = None
     mpps_stale_after_hours: float = 24.0
+    mpps_stale_sweep_seconds: float = 60.0
 
     log_level: str = "INFO"
     access_log: bool = True
