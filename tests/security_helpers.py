@@ -386,3 +386,47 @@ def audit_rows(factory: Any) -> list[Any]:
 
     with factory() as session:
         return list(session.execute(select(AuditRecord).order_by(AuditRecord.id)).scalars())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- feed listeners
+
+
+@contextmanager
+def running(start: Any) -> Iterator[Any]:
+    """A listener started by the coroutine `start()` on its own event-loop thread (the tests
+    and their clients are synchronous); stopped on exit."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="listener-loop", daemon=True)
+    thread.start()
+    try:
+        listener = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+        try:
+            yield listener
+        finally:
+            asyncio.run_coroutine_threadsafe(listener.stop(), loop).result(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
+
+
+def mllp_exchange(
+    port: int, message: str, *, context: ssl.SSLContext | None = None, timeout: float = 20
+) -> str:
+    """Send one MLLP-framed message (HL7 v2.5.1 Appendix C) and return the ACK text."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+    with sock:
+        sock.sendall(VT + message.encode("utf-8") + FS + CR)
+        buffer = b""
+        while FS + CR not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed without an ACK")
+            buffer += chunk
+    return buffer[buffer.index(VT) + 1 : buffer.index(FS + CR)].decode("utf-8")
