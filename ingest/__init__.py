@@ -1,1 +1,1 @@
-"""Feed adapters: HL7 v2 ORU over MLLP and DICOM MPPS, each turning its protocol into StudyNotices."""
+"""Feed adapters: HL7 v2 ORU over MLLP and DICOM MPPS, each producing StudyNotices."""
