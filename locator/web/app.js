@@ -781,8 +781,18 @@
     }
     showSignedIn();
     document.body.classList.add("ready");
-    if (handedNhs && !el.form.hidden) {
-      el.nhsInput.value = handedNhs;
+    searchHandedNumber(handedNhs);
+    // A launching system may hand over a new token or patient to an already open page.
+    window.addEventListener("hashchange", () => {
+      const nhs = takeFragment();
+      showSignedIn();
+      searchHandedNumber(nhs);
+    });
+  }
+
+  function searchHandedNumber(nhs) {
+    if (nhs && !el.form.hidden) {
+      el.nhsInput.value = nhs;
       el.form.requestSubmit();
     }
   }
