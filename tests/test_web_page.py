@@ -135,6 +135,10 @@ def test_summary_timeline_view_and_source(page: Page, service: ServeProcess) -> 
     expect(items.filter(has_text="US Abdomen")).to_contain_text("Registered")
     expect(items.filter(has_text="XR Chest")).to_contain_text("Preliminary report")
 
+    expect(cards.filter(has_text=TRUSTS["RZZ02"].name)).to_contain_text("Also 1 cancelled study")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "clinician-page.png"), full_page=True)
+
     view = page.get_by_role("link", name=re.compile(r"^View CT Head"))
     expect(view).to_have_attribute("href", viewer_url(ct_head))
     expect(view).to_have_attribute("target", "_blank")
@@ -152,9 +156,6 @@ def test_summary_timeline_view_and_source(page: Page, service: ServeProcess) -> 
 
     assert FALL.nhs_number not in page.url
     assert not [u for u in urls if FALL.nhs_number in u]
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(ARTIFACTS / "clinician-page.png"), full_page=True)
 
 
 def test_invalid_numbers_are_explained_as_typed_and_never_searched(page: Page) -> None:

@@ -442,10 +442,15 @@
     const trusts = new Map();
     for (const s of studies) {
       const key = s.trust.ods || s.trust.name;
-      if (!trusts.has(key)) trusts.set(key, { trust: s.trust, last: null, counts: new Map(), total: 0 });
+      if (!trusts.has(key)) {
+        trusts.set(key, { trust: s.trust, last: null, counts: new Map(), total: 0, notImaged: 0 });
+      }
       const t = trusts.get(key);
       t.total += 1;
-      if (NOT_IMAGED.has(s.status)) continue;
+      if (NOT_IMAGED.has(s.status)) {
+        t.notImaged += 1;
+        continue;
+      }
       for (const m of s.modalities.length ? s.modalities : ["Other"]) {
         t.counts.set(m, (t.counts.get(m) || 0) + 1);
       }
@@ -482,6 +487,10 @@
     const counts = [...row.counts.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
     addFact(list, "Studies by modality", counts.length ? counts.map(([m, n]) => `${m} ${n}`).join(" · ") : "None");
     card.append(list);
+    if (row.notImaged) {
+      const what = row.notImaged === 1 ? "study" : "studies";
+      card.append(node("p", "summary__other", `Also ${row.notImaged} cancelled ${what}, not counted above.`));
+    }
     return card;
   }
 
@@ -558,7 +567,10 @@
   function sourceField(study, index) {
     const wrap = node("div", "source");
     if (!study.sourceUrl) {
-      wrap.append(node("p", "hint", "Source: DICOMweb address not available (Study UID not yet known)"));
+      const why = NOT_IMAGED.has(study.status)
+        ? "Source: no images to retrieve (study cancelled)"
+        : "Source: DICOMweb address not available yet (Study UID not known)";
+      wrap.append(node("p", "hint", why));
       return wrap;
     }
     const inputId = `source-${index}`;
