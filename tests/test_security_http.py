@@ -104,3 +104,24 @@ def test_rate_limiter_refills_over_a_minute() -> None:
     now[0] = 1.0
     assert limiter.acquire("a") is None
     assert limiter.acquire("a") is not None
+
+
+def test_tracebacks_are_masked_by_the_installed_filter() -> None:
+    import io
+
+    from locator.api.middleware import RequestIdLogFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdLogFilter())
+    logger = logging.getLogger("test.tracebacks")
+    logger.addHandler(handler)
+    try:
+        raise ValueError(f"INSERT failed, parameters ('{NHS}', '999 000 0026')")
+    except ValueError:
+        logger.exception("write failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "ValueError" in text and "******0018" in text
+    assert redact_text(text) == text

@@ -332,3 +332,25 @@ def test_jwk_without_alg_is_bound_by_its_type(keys: dict[str, SigningKey]) -> No
 )
 def test_scope_rules(scope: str, resource: str, interaction: Any, allowed: bool) -> None:
     assert allows([scope], resource=resource, interaction=interaction) is allowed
+
+
+def test_capability_statement_describes_the_token_service(base_url: str) -> None:
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    from locator.api.smart import OAUTH_URIS_EXTENSION, security_component
+    from locator.config import Settings
+
+    metadata = httpx.get(base_url + "/fhir/metadata").json()
+    CapabilityStatement.model_validate(metadata)
+    rest = metadata["rest"][0]
+    assert "AuditEvent" in [r["type"] for r in rest["resource"]]
+    assert "SMART-on-FHIR" in json.dumps(rest["security"])
+    configured = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        jwks="/etc/jwks.json",
+        token_endpoint="https://auth.locator.test/token",
+    )
+    component = security_component(configured)
+    [oauth] = component["extension"]
+    assert oauth["url"] == OAUTH_URIS_EXTENSION
+    assert oauth["extension"] == [{"url": "token", "valueUri": "https://auth.locator.test/token"}]

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locator import __version__
 from locator.api import auth
+from locator.api.audit_routes import capability_resource as audit_capability_resource
 from locator.api.auth import Caller, require_imaging_read
 from locator.api.capability import capability_statement
 from locator.api.conformance import SEARCH_PARAMETERS, STRUCTURE_DEFINITIONS
@@ -81,6 +82,7 @@ from locator.api.search import (
     split_token,
 )
 from locator.api.security import install_security
+from locator.api.smart import security_component
 from locator.audit import record_access
 from locator.config import Settings
 from locator.db import read_connection, transaction
@@ -488,7 +490,10 @@ def _search_openapi() -> dict[str, Any]:
 def get_metadata(request: Request) -> Response:
     ctx = ctx_of(request)
     media_type = negotiate(request)
-    body = capability_statement(ctx.settings, base=fhir_base(request))
+    body = capability_statement(
+        ctx.settings, base=fhir_base(request), extra_resources=[audit_capability_resource()]
+    )
+    body["rest"][0]["security"] = security_component(ctx.settings)  # smart.py
     return fhir_response(body, media_type)
 
 

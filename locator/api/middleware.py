@@ -62,10 +62,24 @@ def masked_target(path: str, query: str) -> str:
     return f"{urllib.parse.quote(safe_path, safe='/_-.$~')}?{encoded}"
 
 
+def mask_exception(record: logging.LogRecord) -> None:
+    """Tracebacks bypass a message-only mask (SQL errors quote their parameters): render
+    them now, masked, so the formatter prints the masked text."""
+    if record.exc_info and record.exc_info[0] is not None:
+        text = "".join(traceback.format_exception(*record.exc_info))
+        record.exc_text, record.exc_info = redact_text(text.rstrip("\n")), None
+    elif record.exc_text:
+        record.exc_text = redact_text(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact_text(record.stack_info)
+
+
 class RequestIdLogFilter(logging.Filter):
-    """Adds ` request_id=…` to log records emitted while a request is being served."""
+    """Adds ` request_id=…` to log records emitted while a request is being served, and
+    masks NHS Numbers in tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        mask_exception(record)
         rid = REQUEST_ID.get()
         record.request_id = rid or "-"
         if rid and record.name != access_log.name and not getattr(record, "_rid_added", False):
@@ -74,11 +88,28 @@ class RequestIdLogFilter(logging.Filter):
         return True
 
 
+class UvicornAccessMask(logging.Filter):
+    """Masks the request target of uvicorn's own access log, should a runner enable it:
+    its record carries the raw query string, where `%20`- or `+`-spaced NHS Numbers
+    escape a plain-text mask (args: client, method, path?query, HTTP version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, _, query = args[2].partition("?")
+            record.args = (args[0], args[1], masked_target(path, query), args[3], args[4])
+        return True
+
+
 def install_log_filter() -> None:
-    """Put the request-id filter on the root handlers (once each)."""
+    """Put the request-id filter on the root handlers and the mask on uvicorn's access
+    logger (once each)."""
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RequestIdLogFilter) for f in handler.filters):
             handler.addFilter(RequestIdLogFilter())
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, UvicornAccessMask) for f in uvicorn_access.filters):
+        uvicorn_access.addFilter(UvicornAccessMask())
 
 
 def internal_error_body(request_id: str) -> bytes:
