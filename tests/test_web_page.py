@@ -195,10 +195,16 @@ def test_paging_through_a_patient_with_many_studies(page: Page) -> None:
     items = page.locator("#timeline > li")
     expect(items).to_have_count(20)
     expect(page.locator("#summary-note")).to_contain_text("20 most recent studies")
+    expect(page.locator("#results-count")).to_have_text(
+        "20 most recent studies shown, older ones available, newest first."
+    )
     more = page.get_by_role("button", name="Show older studies")
     more.click()
     expect(items).to_have_count(len(studies))
     expect(more).to_be_hidden()
+    expect(page.locator("#results-count")).to_have_text(
+        f"{len(studies)} studies found, newest first."
+    )
     expect(page.locator("#summary-note")).to_be_hidden()
 
     cursor_requests = [u for u in urls if "_cursor=" in u]

@@ -461,6 +461,7 @@
   }
 
   function renderSummary() {
+    el.resultsCount.textContent = `${countText()}, newest first.`;
     const rows = summarise(search.studies);
     el.summary.replaceChildren(...rows.map(summaryCard));
     const latest = rows.find((r) => r.last);
@@ -697,6 +698,15 @@
     }
   }
 
+  /* The API gives a total only when the whole result fits in one page; otherwise say so. */
+  function countText() {
+    const shown = search.studies.length;
+    const noun = shown === 1 ? "study" : "studies";
+    if (search.total && search.total > shown) return `${shown} of ${search.total} studies shown`;
+    if (search.next) return `${shown} most recent studies shown, older ones available`;
+    return `${shown} ${noun} found`;
+  }
+
   function showResults(added) {
     const nhs = formatNhs(search.nhs);
     if (!search.studies.length) {
@@ -707,12 +717,9 @@
       el.status.className = "status status--empty";
       return;
     }
-    const count = search.total || search.studies.length;
-    const found = `${count} imaging ${count === 1 ? "study" : "studies"} found for NHS Number ${nhs}.`;
-    setStatus(found);
+    setStatus(`${countText()} for NHS Number ${nhs}.`);
     el.status.classList.add("status--found");
     el.resultsHeading.textContent = `Imaging for NHS Number ${nhs}`;
-    el.resultsCount.textContent = `${count} ${count === 1 ? "study" : "studies"} found, newest first.`;
     el.results.hidden = false;
     renderSummary();
     renderTimeline(added, false);
@@ -731,7 +738,7 @@
       await fillTrustNames(added);
       renderSummary();
       renderTimeline(added, true);
-      setStatus(`Showing ${search.studies.length} studies.`);
+      setStatus(`${countText()}.`);
       el.status.classList.add("status--found");
     } catch (error) {
       if (seq === searchSeq) showApiError(error);
