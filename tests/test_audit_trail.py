@@ -272,3 +272,41 @@ def test_request_ids(api: Api) -> None:
     generated = api.search(ALICE, token).headers["X-Request-ID"]
     assert [r.request_id for r in audit_rows(api.factory)][-1] == generated
     assert len({r.request_id for r in audit_rows(api.factory)}) == 5
+
+
+def test_every_patient_interaction_of_the_api_is_audited(api: Api) -> None:
+    seed_study(api.factory, nhs=ALICE, trust="RZZ02", uid="1.2.826.0.1.1003")
+    token = api.token("user/ImagingStudy.rs")
+    base = f"{api.url}/fhir"
+    nhs = f"{NHS_SYSTEM}|{ALICE}"
+    first = httpx.get(
+        f"{base}/ImagingStudy", params={"patient.identifier": nhs, "_count": "1"}, headers=token
+    )
+    assert first.status_code == 200
+    next_url = next(link["url"] for link in first.json()["link"] if link["relation"] == "next")
+    assert ALICE not in next_url
+    assert httpx.get(next_url, headers=token).status_code == 200
+    counted = httpx.get(
+        f"{base}/ImagingStudy",
+        params={"patient.identifier": nhs, "_summary": "count"},
+        headers=token,
+    )
+    assert counted.json()["total"] == 2
+    study_id = first.json()["entry"][0]["resource"]["id"]
+    assert httpx.get(f"{base}/ImagingStudy/{study_id}", headers=token).status_code == 200
+    assert httpx.get(f"{base}/ImagingStudy/{'0' * 32}", headers=token).status_code == 404
+    assert api.search(ALICE, token).status_code == 200
+    bad = httpx.get(
+        f"{base}/ImagingStudy", params={"patient.identifier": "9990000019"}, headers=token
+    )
+    assert bad.status_code == 400
+    rows = [(r.action, r.nhs_number, r.outcome) for r in audit_rows(api.factory)]
+    assert rows == [
+        ("search", ALICE, 200),  # first page
+        ("search", ALICE, 200),  # next page (the cursor carries the patient)
+        ("search", ALICE, 200),  # _summary=count
+        ("read", ALICE, 200),
+        ("read", None, 404),
+        ("search", ALICE, 200),  # POST _search
+        ("search", None, 400),  # not a valid NHS Number: nobody's
+    ]

@@ -77,6 +77,14 @@ def _ago(seconds: int) -> Callable[[], int]:
     return lambda: int(time.time()) - seconds
 
 
+def _embedded(attacker: SigningKey) -> str:
+    from jose import jwt
+
+    headers = {"kid": attacker.kid, "jwk": attacker.jwk(), "jku": "https://evil.test/jwks"}
+    payload = claims("user/ImagingStudy.rs")
+    return str(jwt.encode(payload, attacker.private_pem.decode(), "RS256", headers=headers))
+
+
 TOKEN_MATRIX: list[tuple[str, Case, int]] = [
     ("v1 user read", _ok("user/ImagingStudy.read"), 200),
     ("v2 user rs", _ok("user/ImagingStudy.rs"), 200),
@@ -135,6 +143,7 @@ TOKEN_MATRIX: list[tuple[str, Case, int]] = [
         lambda k: mint(k["stranger"], claims("user/ImagingStudy.rs")),
         401,
     ),
+    ("attacker's key embedded in the header (jwk, jku)", lambda k: _embedded(k["stranger"]), 401),
     (
         "RS256 key named for ES256",
         lambda k: forge({"alg": "ES256", "kid": "rsa-1"}, claims("user/*.rs"), b"\0" * 64),
