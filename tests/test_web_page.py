@@ -25,6 +25,7 @@ from ingest.demo import (
     demo_studies,
     run_demo,
 )
+from locator.nhs_number import check_digit, is_valid, normalise
 from locator.trusts import TrustConfig, example_trusts
 from tests.test_demo import ServeProcess, serve
 from tests.test_web_support import (
@@ -185,6 +186,31 @@ def test_invalid_numbers_are_explained_as_typed_and_never_searched(page: Page) -
     expect(error).to_be_empty()
     expect(box).to_have_attribute("aria-invalid", "false")
     expect(page.locator("#nhs-valid")).to_have_text("✓ Valid NHS Number")
+
+
+def candidate_numbers() -> list[str]:
+    """Valid and invalid NHS Numbers as a clinician might type or paste them."""
+    valid = [demo_nhs_number(n) for n in range(6)] + ["4857773456", "9434765919"]
+    no_check_digit = next(  # a first nine whose modulus-11 check comes out as 10
+        f"999{n:06d}" for n in range(1000) if check_digit(f"999{n:06d}") is None
+    )
+    wrong = [v[:9] + str((int(v[9]) + d) % 10) for v in valid[:3] for d in (1, 5)]
+    shaped = ["943 476 5919", "943-476-5919", " 9434765919 ", "943 476 59 19"]
+    return [
+        *valid, *wrong, *shaped, no_check_digit + "0", no_check_digit + "1", "0000000000",
+        "9999999999", "94347659190", "943476591", "94347659a9", "943.476.5919",
+    ]  # fmt: skip
+
+
+def test_typed_check_agrees_with_the_service_check(page: Page) -> None:
+    box = page.get_by_label("NHS Number")
+    for candidate in candidate_numbers():
+        box.fill(candidate)
+        shown_valid = page.locator("#nhs-valid").inner_text() != ""
+        assert shown_valid == is_valid(candidate), candidate
+        digits = normalise(candidate)
+        complaint = not shown_valid and (len(digits) >= 10 or not digits.isdigit())
+        assert (box.get_attribute("aria-invalid") == "true") == complaint, candidate
 
 
 def test_paging_through_a_patient_with_many_studies(page: Page) -> None:
