@@ -569,7 +569,7 @@
     const wrap = node("div", "source");
     if (!study.sourceUrl) {
       const why = NOT_IMAGED.has(study.status)
-        ? "Source: no images to retrieve (study cancelled)"
+        ? `Source: no images to retrieve (${STUDY_STATUS[study.status][0].toLowerCase()})`
         : "Source: DICOMweb address not available yet (Study UID not known)";
       wrap.append(node("p", "hint", why));
       return wrap;
@@ -603,6 +603,8 @@
       input.select();
       copied = document.execCommand && document.execCommand("copy");
     }
+    el.copyStatus.textContent = ""; // so that a second copy is announced again
+    await Promise.resolve();
     el.copyStatus.textContent = copied
       ? "DICOMweb address copied to the clipboard"
       : "Could not copy: the address is selected, press Ctrl+C to copy it";
