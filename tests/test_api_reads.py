@@ -222,3 +222,34 @@ def test_readiness_fails_without_a_database(registry: TrustRegistry, tmp_path: A
     app = make_app(missing, make_session_factory(missing), registry)
     response = client_for(app).get("/readyz")
     assert response.status_code == 503
+
+
+def test_with_a_jwks_patient_data_needs_a_token_and_metadata_does_not(
+    engine: Engine, session_factory: Factory, registry: TrustRegistry, tmp_path: Any
+) -> None:
+    import json
+
+    from tests.security_helpers import AUDIENCE, ISSUER, claims, jwks_document, mint, rsa_key
+
+    key = rsa_key()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(jwks_document(key)))
+    secured = client_for(
+        make_app(
+            engine,
+            session_factory,
+            registry,
+            jwks=str(jwks),
+            jwt_issuer=ISSUER,
+            jwt_audience=AUDIENCE,
+        )
+    )
+    [sid] = add_studies(session_factory, ALICE, [study(UID)])
+    assert outcome_of(search(secured, ALICE), 401)["issue"][0]["code"] == "login"
+    assert fhir_json(secured.get("/fhir/metadata"))["rest"][0]["security"]["service"]
+    wrong_scope = {"Authorization": "Bearer " + mint(key, claims("system/AuditEvent.read"))}
+    outcome_of(secured.get(f"/fhir/ImagingStudy/{sid}", headers=wrong_scope), 403)
+    good = {"Authorization": "Bearer " + mint(key, claims())}
+    assert fhir_json(secured.get(f"/fhir/ImagingStudy/{sid}", headers=good))["id"] == sid
+    found = secured.get("/fhir/ImagingStudy", params={"patient.identifier": ALICE}, headers=good)
+    assert match_ids(fhir_json(found)) == [sid]

@@ -10,24 +10,29 @@ merged-away rows have merged_into set, entered-in-error ones appear only when as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    DateTime,
+    Select,
     and_,
+    bindparam,
     false,
     func,
     literal,
     or_,
     select,
     tuple_,
+    type_coerce,
 )
 
 from locator.api.paging import Position
-from locator.api.search import DateBound, DatePrefix, SearchQuery, StudyIdentifier
+from locator.api.search import DateBound, DatePrefix, SearchQuery, SortOrder, StudyIdentifier
 from locator.models import UTCDateTime, study_key_table, study_table
 from locator.trusts import TrustRegistry
 
@@ -40,7 +45,16 @@ KIND_ACCESSION = "acc"
 # A result row (SQLAlchemy Row with the STUDY_COLUMNS as attributes).
 StudyRow = Any
 
-# The columns the renderer needs, in one place (no ORM objects on the hot path).
+
+def _plain_time(column: Any) -> Any:
+    """A timestamp column read without the UTCDateTime decorator's per-value Python call:
+    the driver's own value (SQLite: naive, in UTC; PostgreSQL: aware). render.instant and
+    sort_value() make both UTC-aware where it matters."""
+    return type_coerce(column, DateTime(timezone=True)).label(column.name)
+
+
+# The columns the renderer needs, in one place (no ORM objects on the hot path); their
+# order is relied on: render.imaging_study unpacks a row positionally.
 STUDY_COLUMNS = (
     STUDY.c.id,
     STUDY.c.trust_ods,
@@ -50,14 +64,14 @@ STUDY_COLUMNS = (
     STUDY.c.patient_state,
     STUDY.c.status,
     STUDY.c.report_status,
-    STUDY.c.started,
-    STUDY.c.sort_time,
+    _plain_time(STUDY.c.started),
+    _plain_time(STUDY.c.sort_time),
     STUDY.c.modalities,
     STUDY.c.procedures,
     STUDY.c.series,
     STUDY.c.number_of_series,
     STUDY.c.number_of_instances,
-    STUDY.c.updated_at,
+    _plain_time(STUDY.c.updated_at),
     STUDY.c.version,
 )
 
@@ -159,17 +173,47 @@ def sort_column(query: SearchQuery) -> Any:
 
 def sort_value(query: SearchQuery, row: StudyRow) -> datetime:
     value: datetime = row.updated_at if query.sort.by_updated else row.sort_time
-    return value
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _after(query: SearchQuery, position: Position) -> ColumnElement[bool]:
-    column = sort_column(query)
-    here = tuple_(
-        literal(datetime.fromisoformat(position.sort_value), UTCDateTime()),
-        literal(position.study_id),
-    )
-    keyset = tuple_(column, STUDY.c.id)
+def _keyset_after(query: SearchQuery, time_value: Any, id_value: Any) -> ColumnElement[bool]:
+    keyset = tuple_(sort_column(query), STUDY.c.id)
+    here = tuple_(time_value, id_value)
     return keyset < here if query.sort.descending else keyset > here
+
+
+def _ordered(query: SearchQuery, stmt: Select[Any]) -> Select[Any]:
+    column = sort_column(query)
+    if query.sort.descending:
+        return stmt.order_by(column.desc(), STUDY.c.id.desc())
+    return stmt.order_by(column.asc(), STUDY.c.id.asc())
+
+
+def is_plain_patient_search(query: SearchQuery) -> bool:
+    """The hot path: one patient, default visibility, no filters besides the sort."""
+    return (
+        query.nhs_number is not None
+        and query.ids is None
+        and not (query.identifiers or query.started or query.last_updated)
+        and not (query.modalities or query.organizations)
+        and query.statuses is None
+    )
+
+
+@functools.cache
+def _patient_statement(sort: SortOrder, after: bool) -> Select[Any]:
+    """Built once per (sort, first page or not): only parameters change per request, so the
+    compiled form is reused and nothing is rebuilt on the hot path."""
+    query = SearchQuery(nhs_number="", sort=sort)
+    conditions = [*_visible(None), STUDY.c.nhs_number == bindparam("nhs")]
+    if after:
+        conditions.append(
+            _keyset_after(
+                query, bindparam("after_time", type_=UTCDateTime()), bindparam("after_id")
+            )
+        )
+    stmt = select(*STUDY_COLUMNS).where(*conditions)
+    return _ordered(query, stmt).limit(bindparam("limit"))
 
 
 def search_studies(
@@ -181,17 +225,22 @@ def search_studies(
     limit: int,
 ) -> Sequence[StudyRow]:
     """One page of matching studies in the query's order (ask for count + 1 to see more)."""
+    params: dict[str, Any] = {"limit": limit}
+    if position is not None:
+        params["after_time"] = datetime.fromisoformat(position.sort_value)
+        params["after_id"] = position.study_id
+    if is_plain_patient_search(query):
+        params["nhs"] = query.nhs_number
+        return conn.execute(_patient_statement(query.sort, position is not None), params).all()
     conditions = filter_conditions(query, registry)
     if position is not None:
-        conditions.append(_after(query, position))
-    column = sort_column(query)
-    order = (
-        (column.desc(), STUDY.c.id.desc())
-        if query.sort.descending
-        else (column.asc(), STUDY.c.id.asc())
-    )
-    stmt = select(*STUDY_COLUMNS).where(*conditions).order_by(*order).limit(limit)
-    return conn.execute(stmt).all()
+        conditions.append(
+            _keyset_after(
+                query, bindparam("after_time", type_=UTCDateTime()), bindparam("after_id")
+            )
+        )
+    stmt = _ordered(query, select(*STUDY_COLUMNS).where(*conditions)).limit(bindparam("limit"))
+    return conn.execute(stmt, params).all()
 
 
 def count_studies(conn: Connection, *, query: SearchQuery, registry: TrustRegistry) -> int:

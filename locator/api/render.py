@@ -14,6 +14,8 @@ where the index knows less: report-only studies may have no Study UID and no ser
 
 from __future__ import annotations
 
+import string
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -40,6 +42,7 @@ DICOM_WADO_RS = "dicom-wado-rs"
 DCM_STUDY = "113014"
 VIEWER_ENDPOINT_ID = "viewer"
 DICOMWEB_SUFFIX = "-dicomweb"
+ENTERED_IN_ERROR = "entered-in-error"
 UNKNOWN_MODALITY = "OT"  # DICOM "Other": R4 series.modality is 1..1
 
 OPTS = orjson.OPT_UTC_Z
@@ -50,7 +53,12 @@ def dumps(data: Any) -> bytes:
 
 
 def instant(value: datetime) -> str:
-    """FHIR instant/dateTime text (UTC, `Z`)."""
+    """FHIR instant/dateTime text (UTC, `Z`); a naive value is already UTC (SQLite)."""
+    text = value.isoformat()
+    if value.tzinfo is None:
+        return text + "Z"
+    if text.endswith("+00:00"):
+        return text[:-6] + "Z"
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -115,20 +123,66 @@ def viewer_endpoint(trust: TrustConfig, address: str) -> dict[str, Any]:
     }
 
 
-def _identifiers(row: Any, trust: TrustConfig) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    if row.study_uid:
-        found.append({"system": DICOM_UID_SYSTEM, "value": OID_PREFIX + row.study_uid})
-    if row.accession:
-        found.append(
-            {
-                "type": {"coding": [{"system": V2_0203, "code": ACSN}]},
-                "system": trust.accession_system,
-                "value": row.accession,
-                "assigner": organization_ref(trust),
-            }
+class ViewerTemplate:
+    """A trust's viewer URL template, parsed once; filled exactly as TrustConfig.viewer_link
+    fills it (URL-encoded values; None when a placeholder has no value)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, template: str) -> None:
+        self.parts = [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+
+    def fill(self, values: dict[str, str | None]) -> str | None:
+        out = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name is not None:
+                value = values.get(name)
+                if not value:
+                    return None
+                out.append(urllib.parse.quote(value, safe=""))
+        return "".join(out)
+
+
+class TrustParts:
+    """The per-trust pieces of every study's resource, built once per trust."""
+
+    __slots__ = (
+        "acc_type",
+        "by_accession",
+        "by_uid",
+        "dicomweb_ref",
+        "org_ref",
+        "trust",
+        "viewer_static",
+    )
+
+    def __init__(self, trust: TrustConfig) -> None:
+        self.trust = trust
+        self.org_ref = organization_ref(trust)
+        self.dicomweb_ref = {"reference": f"Endpoint/{dicomweb_endpoint_id(trust.ods_code)}"}
+        self.viewer_static = viewer_endpoint(trust, "")
+        self.by_uid = ViewerTemplate(trust.viewer_url)
+        self.by_accession = (
+            ViewerTemplate(trust.viewer_url_by_accession) if trust.viewer_url_by_accession else None
         )
-    return found
+        self.acc_type = {"coding": [{"system": V2_0203, "code": ACSN}]}
+
+    def viewer_link(self, study_uid: str | None, accession: str | None) -> str | None:
+        template = self.by_uid if study_uid else self.by_accession
+        if template is None:
+            return None
+        return template.fill({"study_uid": study_uid, "accession": accession})
+
+
+_PARTS: dict[str, TrustParts] = {}
+
+
+def trust_parts(trust: TrustConfig) -> TrustParts:
+    parts = _PARTS.get(trust.ods_code)
+    if parts is None or parts.trust is not trust:
+        parts = _PARTS[trust.ods_code] = TrustParts(trust)
+    return parts
 
 
 def _series(raw: str) -> list[dict[str, Any]]:
@@ -165,42 +219,70 @@ def study_status(row: Any) -> str:
 
 def imaging_study(row: Any, trust: TrustConfig) -> dict[str, Any]:
     """One ImagingStudy from a study row (see the module docstring for the shape)."""
+    (
+        sid,
+        _ods,
+        uid,
+        accession,
+        nhs,
+        state,
+        status,
+        report,
+        started,
+        _sort,
+        modalities,
+        procedures,
+        series,
+        n_series,
+        n_instances,
+        updated,
+        version,
+    ) = tuple(row)[:17]
+    parts = trust_parts(trust)
     res: dict[str, Any] = {
         "resourceType": "ImagingStudy",
-        "id": row.id,
-        "meta": {"versionId": str(row.version), "lastUpdated": instant(row.updated_at)},
+        "id": sid,
+        "meta": {"versionId": str(version), "lastUpdated": instant(updated)},
     }
     endpoints = []
-    link = trust.viewer_link(study_uid=row.study_uid, accession=row.accession)
+    link = parts.viewer_link(uid, accession)
     if link:
-        res["contained"] = [viewer_endpoint(trust, link)]
+        res["contained"] = [{**parts.viewer_static, "address": link}]
         endpoints.append({"reference": "#" + VIEWER_ENDPOINT_ID})
-    if row.report_status:
-        res["extension"] = [{"url": REPORT_STATUS_URL, "valueCode": row.report_status}]
-    identifiers = _identifiers(row, trust)
+    if report:
+        res["extension"] = [{"url": REPORT_STATUS_URL, "valueCode": report}]
+    identifiers = []
+    if uid:
+        identifiers.append({"system": DICOM_UID_SYSTEM, "value": OID_PREFIX + uid})
+    if accession:
+        identifiers.append(
+            {
+                "type": parts.acc_type,
+                "system": trust.accession_system,
+                "value": accession,
+                "assigner": parts.org_ref,
+            }
+        )
     if identifiers:
         res["identifier"] = identifiers
-    res["status"] = study_status(row)
-    if row.modalities:
-        res["modality"] = [{"system": DCM_SYSTEM, "code": m} for m in row.modalities.split(",")]
-    res["subject"] = {
-        "type": "Patient",
-        "identifier": {"system": NHS_NUMBER_SYSTEM, "value": row.nhs_number},
-    }
-    if row.started is not None:
-        res["started"] = instant(row.started)
-    endpoints.append({"reference": f"Endpoint/{dicomweb_endpoint_id(trust.ods_code)}"})
+    res["status"] = ENTERED_IN_ERROR if state == ENTERED_IN_ERROR else status
+    if modalities:
+        res["modality"] = [{"system": DCM_SYSTEM, "code": m} for m in modalities.split(",")]
+    res["subject"] = {"type": "Patient", "identifier": {"system": NHS_NUMBER_SYSTEM, "value": nhs}}
+    if started is not None:
+        res["started"] = instant(started)
+    endpoints.append(parts.dicomweb_ref)
     res["endpoint"] = endpoints
-    if row.number_of_series is not None:
-        res["numberOfSeries"] = row.number_of_series
-    if row.number_of_instances is not None:
-        res["numberOfInstances"] = row.number_of_instances
-    procedures = _procedures(row.procedures) if row.procedures else []
-    if procedures:
-        res["procedureCode"] = procedures
-    series = _series(row.series) if row.series else []
-    if series:
-        res["series"] = series
+    if n_series is not None:
+        res["numberOfSeries"] = n_series
+    if n_instances is not None:
+        res["numberOfInstances"] = n_instances
+    procedure_codes = _procedures(procedures) if procedures and procedures != "[]" else None
+    if procedure_codes:
+        res["procedureCode"] = procedure_codes
+    series_items = _series(series) if series and series != "[]" else None
+    if series_items:
+        res["series"] = series_items
     return res
 
 
