@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, and_, func, select, update
+from sqlalchemy import CursorResult, Table, and_, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
@@ -48,6 +48,8 @@ log = logging.getLogger("ingest.mpps")
 # modality's DIMSE timeout (typically 30 s or more) bounds how long it may take in total.
 RETRY_DELAYS = (0.05, 0.2, 0.5)
 DB_WHERE = "mpps"
+# Core statements on the per-request path (conventions.md: Core on the hot paths).
+STEP: Table = MppsStep.__table__  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 
@@ -122,13 +124,17 @@ def create_step(
 
     def work() -> StepOutcome:
         with transaction(factory) as session:
-            row = session.get(MppsStep, sop_instance_uid)
+            row = session.execute(
+                select(STEP.c.trust_ods, STEP.c.create_hash, STEP.c.version).where(
+                    STEP.c.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
             if row is not None:
                 if row.trust_ods == trust_ods and row.create_hash == attributes.content_hash:
                     return StepOutcome(resend=True, version=row.version)
                 raise DuplicateInstanceError("Duplicate SOP Instance")
-            session.add(
-                MppsStep(
+            session.execute(
+                insert(STEP).values(
                     sop_instance_uid=sop_instance_uid,
                     trust_ods=trust_ods,
                     calling_ae=calling_ae[:16],
@@ -136,13 +142,10 @@ def create_step(
                     version=0,
                     attributes=attributes.to_json(),
                     create_hash=attributes.content_hash,
-                    last_set_hash=None,
                     created_at=received_at,
                     updated_at=received_at,
-                    stale_reported_at=None,
                 )
             )
-            session.flush()
             notice = build_notice(
                 attributes,
                 trust_ods=trust_ods,
@@ -170,31 +173,38 @@ def set_step(
 
     def work() -> StepOutcome:
         with transaction(factory) as session:
-            query = select(MppsStep).where(col(MppsStep.sop_instance_uid) == sop_instance_uid)
-            row = session.execute(query.with_for_update()).scalar_one_or_none()
+            query = select(
+                STEP.c.trust_ods, STEP.c.attributes, STEP.c.last_set_hash, STEP.c.version
+            ).where(STEP.c.sop_instance_uid == sop_instance_uid)
+            row = session.execute(query.with_for_update()).first()
             if row is None or row.trust_ods != trust_ods:
                 raise NoSuchInstanceError("No such Performed Procedure Step")
-            step = StepAttributes.from_json(row.attributes)
             if row.last_set_hash == set_hash:
                 return StepOutcome(resend=True, version=row.version)
+            step = StepAttributes.from_json(row.attributes)
             if step.status.is_final:
                 raise NoLongerUpdatableError()
-            new = apply_update(step, update_)
-            row.version += 1
-            row.status = new.status.value
-            row.attributes = new.to_json()
-            row.last_set_hash = set_hash
-            row.updated_at = received_at
-            session.flush()
+            new, version = apply_update(step, update_), row.version + 1
+            session.execute(
+                update(STEP)
+                .where(STEP.c.sop_instance_uid == sop_instance_uid)
+                .values(
+                    version=version,
+                    status=new.status.value,
+                    attributes=new.to_json(),
+                    last_set_hash=set_hash,
+                    updated_at=received_at,
+                )
+            )
             notice = build_notice(
                 new,
                 trust_ods=trust_ods,
                 sop_instance_uid=sop_instance_uid,
-                version=row.version,
+                version=version,
                 received_at=received_at,
             )
             applied = apply_notice(session, notice=notice)
-            return StepOutcome(resend=False, version=row.version, study_ids=applied.study_ids)
+            return StepOutcome(resend=False, version=version, study_ids=applied.study_ids)
 
     return run_unit(factory, work)
 

@@ -336,6 +336,9 @@ def run_pairs(
                         run.latencies.append(elapsed)
                     else:
                         run.failures.append(f"{a} {b}")
+        except RuntimeError as exc:  # the association died
+            with lock:
+                run.failures.append(f"association lost: {exc}")
         finally:
             m.close()
 
