@@ -187,6 +187,14 @@ def test_every_patient_form_and_post_agree(world: World) -> None:
         "/fhir/ImagingStudy/_search", content=b"{}", headers={"content-type": "application/json"}
     )
     outcome_of(bad_type, 400)
+    not_utf8 = world.client.post(
+        "/fhir/ImagingStudy/_search",
+        content=b"patient.identifier=\xff",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    outcome_of(not_utf8, 400)
+    huge = world.client.post("/fhir/ImagingStudy/_search", data={"x": "y" * 20_000})
+    outcome_of(huge, 400)
 
 
 CASES: list[tuple[dict[str, str], list[str]]] = [

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
@@ -97,6 +97,8 @@ JSON_FORMATS = frozenset({"json", *JSON_TYPES})
 XML_FORMATS = frozenset(
     {"xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir"}
 )
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+MAX_FORM_BYTES = 16 * 1024
 PATIENT_KEYS = frozenset(IMAGING_STUDY_PARAMETERS[0].keys)
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
 WEB_FILE_SUFFIXES = (".html", ".js", ".css", ".svg", ".png", ".ico", ".json")
@@ -518,9 +520,14 @@ def search_imaging_study_get(request: Request, caller: ImagingReader) -> Respons
 async def search_imaging_study_post(request: Request, caller: ImagingReader) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     pairs: list[tuple[str, str]] = list(request.query_params.multi_items())
-    if content_type == "application/x-www-form-urlencoded":
-        form = await request.form()
-        pairs += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+    if content_type == FORM_CONTENT_TYPE:
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            raise BadRequestError(f"search form larger than {MAX_FORM_BYTES} bytes")
+        try:
+            pairs += parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequestError("the search form is not valid UTF-8 form encoding") from exc
     elif content_type:
         raise BadRequestError("send the parameters as application/x-www-form-urlencoded")
     return await run_in_threadpool(run_search, ctx_of(request), request, pairs, caller)

@@ -2,8 +2,8 @@
 
 Search parameters come from the same registry the parser dispatches on
 (`search.IMAGING_STUDY_PARAMETERS`), so the statement cannot claim a parameter the parser
-does not take or omit one it does. The security section is built by `security_section`
-(the security work may extend it).
+does not take or omit one it does. The security section and the AuditEvent entry come from
+the security work (smart.security_component, audit_routes.capability_resource).
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from locator import __version__
+from locator.api.audit_routes import capability_resource as audit_capability
 from locator.api.conformance import CONFORMANCE_DATE, ORGANIZATION_SEARCH_PARAMETER
 from locator.api.search import IMAGING_STUDY_PARAMETERS, ParamDef
+from locator.api.smart import security_component
 from locator.config import Settings
 
 FHIR_VERSION = "4.0.1"
-SECURITY_SERVICE_SYSTEM = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 READ_ONLY = [{"code": "read"}, {"code": "search-type"}]
 
 
@@ -32,29 +33,8 @@ def search_params(params: Sequence[ParamDef]) -> list[dict[str, Any]]:
 
 
 def security_section(settings: Settings) -> dict[str, Any]:
-    if settings.jwks:
-        return {
-            "cors": False,
-            "service": [
-                {
-                    "coding": [{"system": SECURITY_SERVICE_SYSTEM, "code": "SMART-on-FHIR"}],
-                    "text": "OAuth2 bearer tokens (JWT, RS256/ES256) with SMART scopes",
-                }
-            ],
-            "description": (
-                "Every request except metadata needs Authorization: Bearer <JWT> signed by a "
-                "configured JWKS key, with matching iss and aud. Scopes: user/ or system/ "
-                "ImagingStudy.read or .rs for ImagingStudy, Endpoint and Organization; "
-                "system/AuditEvent.read or .rs for AuditEvent. Every patient lookup is audited."
-            ),
-        }
-    return {
-        "cors": False,
-        "description": (
-            "OPEN MODE: no token is required because the API is bound to loopback only. "
-            "Every patient lookup is audited."
-        ),
-    }
+    """rest.security: the security work's component (SMART on FHIR when a JWKS is set)."""
+    return security_component(settings)
 
 
 def _resource(rtype: str, profile: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -83,6 +63,7 @@ def capability_statement(
         _resource("Organization", searchParam=[{"name": "identifier", "type": "token"}]),
         _resource("SearchParameter"),
         _resource("StructureDefinition"),
+        audit_capability(),
         *extra_resources,
     ]
     return {
