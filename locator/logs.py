@@ -19,9 +19,17 @@ class MaskNhsNumbers(logging.Filter):
         return True
 
 
+class MaskingFormatter(logging.Formatter):
+    """Masks NHS Numbers in the whole formatted record: message, traceback and stack. An
+    exception's text can quote data (a database error quotes its parameters)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(MaskNhsNumbers())
     root = logging.getLogger()
     root.handlers[:] = [handler]
