@@ -501,3 +501,28 @@ def test_database_failure_answers_a_retryable_status(broken_url: str) -> None:
             assert m.alive
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- limits, stop
+
+
+def test_association_limit(
+    settings: Settings, session_factory: Factory, registry: TrustRegistry
+) -> None:
+    limited = settings.model_copy(update={"dicom_max_associations": 1})
+    with (
+        running_listener(limited, session_factory=session_factory, registry=registry) as one,
+        modality(one.ports["dicom"]) as first,
+    ):
+        assert first.echo().status == SUCCESS
+        assert rejected(one.ports["dicom"], "RZZ01MR2")  # over the limit: A-ASSOCIATE-RJ
+        assert first.echo().status == SUCCESS
+
+
+def test_stop_ends_open_associations(
+    settings: Settings, session_factory: Factory, registry: TrustRegistry
+) -> None:
+    with running_listener(settings, session_factory=session_factory, registry=registry) as one:
+        idle = Modality(one.ports["dicom"])
+        assert idle.echo().status == SUCCESS
+    assert not idle.alive or idle.echo().status == -1
