@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.api import app as app_module
+from locator.api import interactions
 from locator.api.search import IMAGING_STUDY_PARAMETERS
 from locator.metrics import AUDIT_WRITE_FAILURES
 from locator.models import audit_table
@@ -183,7 +183,7 @@ def test_no_patient_data_without_an_audit_record(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("audit store down")
 
-    monkeypatch.setattr(app_module, "record_access", broken)
+    monkeypatch.setattr(interactions, "record_access", broken)
     before = AUDIT_WRITE_FAILURES._value.get()
     for response in (search(client, ALICE), read(client, sid)):
         outcome = outcome_of(response, 503)
@@ -198,7 +198,7 @@ def test_internal_errors_never_echo_internals(
     def failing(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("SELECT secret_table password=hunter2")
 
-    monkeypatch.setattr(app_module, "search_studies", failing)
+    monkeypatch.setattr(interactions, "search_studies", failing)
     response = search(client, ALICE)
     assert response.status_code == 500
     assert "hunter2" not in response.text and "secret_table" not in response.text

@@ -231,20 +231,10 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(f"internal error; quote request id {rid}"))
 
 
-def install_error_handlers(app: FastAPI, auth_errors: dict[type[Exception], int]) -> None:
-    """The one place errors become OperationOutcomes (auth errors keep their own status)."""
+def install_error_handlers(app: FastAPI) -> None:
+    """The one place errors become OperationOutcomes (the security layer adds its own for
+    401/403/429, with their WWW-Authenticate and Retry-After headers)."""
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(Exception, handle_unexpected)
-    for exc_type, status in auth_errors.items():
-        app.add_exception_handler(exc_type, _auth_handler(status))
-
-
-def _auth_handler(status: int) -> Any:
-    async def handle_auth_error(_request: Request, exc: Exception) -> Response:
-        # Auth messages are written for callers (no internals); keep them.
-        error = from_http_status(status, str(exc) or None)
-        return error_response(error)
-
-    return handle_auth_error
