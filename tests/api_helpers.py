@@ -23,7 +23,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.app import create_app
-from locator.api.auth import open_caller, require_imaging_read
 from locator.config import Settings
 from locator.nhs_number import NHS_NUMBER_SYSTEM, check_digit
 from locator.notice import Coding, SeriesRef, StudyRef, StudyStatus
@@ -71,13 +70,9 @@ def make_app(
 ) -> FastAPI:
     values = {"cursor_secret": "test-cursor-secret", "database_url": str(engine.url)}
     values.update(settings)
-    app = create_app(
+    return create_app(
         Settings(**values), engine=engine, session_factory=session_factory, registry=registry
     )
-    if not hasattr(app.state, "security"):
-        # The security layer has not landed in this tree yet: run in open mode.
-        app.dependency_overrides[require_imaging_read] = open_caller
-    return app
 
 
 def client_for(app: FastAPI) -> TestClient:

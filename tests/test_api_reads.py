@@ -253,3 +253,13 @@ def test_with_a_jwks_patient_data_needs_a_token_and_metadata_does_not(
     assert fhir_json(secured.get(f"/fhir/ImagingStudy/{sid}", headers=good))["id"] == sid
     found = secured.get("/fhir/ImagingStudy", params={"patient.identifier": ALICE}, headers=good)
     assert match_ids(fhir_json(found)) == [sid]
+
+
+def test_an_unreachable_database_is_503_not_500(registry: TrustRegistry, tmp_path: Any) -> None:
+    from locator.db import create_db_engine, make_session_factory
+
+    missing = create_db_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite")
+    client = client_for(make_app(missing, make_session_factory(missing), registry))
+    response = search(client, ALICE)
+    assert "unavailable" in diagnostics(outcome_of(response, 503))
+    assert ALICE not in response.text

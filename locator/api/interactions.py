@@ -119,7 +119,8 @@ def negotiate(request: Request, format_param: str | None = None) -> str:
     if fmt:
         if fmt in JSON_FORMATS:
             return "application/json" if fmt == "application/json" else FHIR_JSON
-        raise NotAcceptableError(f"_format={fmt} is not supported: this server produces JSON")
+        what = "XML is not produced" if fmt in XML_FORMATS else "unknown format"
+        raise NotAcceptableError(f"_format={fmt}: {what}; this server produces FHIR JSON")
     accept = request.headers.get("accept", "").lower()
     if not accept:
         return FHIR_JSON

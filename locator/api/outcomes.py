@@ -3,7 +3,8 @@
 Every error the API answers is an `ApiError` (or is turned into one here): its HTTP status,
 its OperationOutcome issue code (FHIR R4 §3.1.5.3, value set `issue-type`) and a
 diagnostics text that is safe to show. A 500 never echoes the exception: the client gets
-the request id to quote, the log gets the traceback.
+the request id to quote, the log gets the traceback. A database that is unreachable or busy
+(locator.db.is_transient) answers 503, not 500.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from locator.db import is_transient
+from locator.metrics import DB_ERRORS
 
 log = logging.getLogger("locator.api")
 
@@ -231,10 +236,21 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(f"internal error; quote request id {rid}"))
 
 
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """Unreachable or busy database: 503 (transient); anything else is an internal error."""
+    if not is_transient(exc):
+        return await handle_unexpected(request, exc)
+    rid = _request_id(request)
+    DB_ERRORS.labels("api").inc()
+    log.warning("database unavailable (request %s): %s", rid, type(exc).__name__)
+    return error_response(UnavailableError(f"the index is unavailable; retry (request {rid})"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The one place errors become OperationOutcomes (the security layer adds its own for
     401/403/429, with their WWW-Authenticate and Retry-After headers)."""
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(DBAPIError, handle_database_error)
     app.add_exception_handler(Exception, handle_unexpected)
