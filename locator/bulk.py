@@ -30,7 +30,6 @@ from locator.index import (
     UID,
     Assertion,
     StudyFacts,
-    _patient_keys,
     columns_of_facts,
     derive_patient,
     facts_of_ref,
@@ -42,7 +41,7 @@ from locator.models import (
     study_key_table,
     study_table,
 )
-from locator.notice import StudyNotice
+from locator.notice import PatientRef, StudyNotice
 
 DEFAULT_BATCH_SIZE = 20_000
 
@@ -87,6 +86,18 @@ ASSERTION_COLUMNS = (
     "first_seen",
 )
 LINK_COLUMNS = ("trust_ods", "local_id", "nhs_number", "first_seen")
+
+
+def _claims(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
+    """(patient_key, nhs_number, local_id) a notice asserts: the index's rule (with an NHS
+    Number the claim is the NHS Number and the local id becomes a link). tests/test_bulk.py
+    compares the loader with apply_notice, so a change of the rule there fails here."""
+    claims: list[tuple[str, str | None, str | None]] = []
+    if patient.nhs_number:
+        claims.append((f"nhs:{patient.nhs_number}", patient.nhs_number, None))
+    if patient.local_id and (patient.withdrawn or not patient.nhs_number):
+        claims.append((f"local:{patient.local_id}", None, patient.local_id))
+    return claims
 
 
 class BulkLoadError(ValueError):
@@ -140,7 +151,7 @@ def prepare_study(notices: Sequence[StudyNotice], *, study_id: str) -> PreparedS
             keys[(UID, ref.study_uid)] = None
         if ref.accession:
             keys[(ACCESSION, ref.accession)] = None
-        for patient_key, nhs, local in _patient_keys(notice.patient):
+        for patient_key, nhs, local in _claims(notice.patient):
             assertions.setdefault(
                 (notice.source, patient_key),
                 (

@@ -182,12 +182,19 @@ def _weighted(rng: random.Random, shares: list[float]) -> int:
 class Generator:
     """Seeded patients and studies over `trusts`; `studies(n)` yields exactly n studies."""
 
-    def __init__(self, trusts: list[TrustConfig], *, seed: int = 1, nhs_start: int = 0) -> None:
+    def __init__(
+        self,
+        trusts: list[TrustConfig],
+        *,
+        seed: int = 1,
+        nhs_start: int = 0,
+        accession_start: int = 0,
+    ) -> None:
         self.trusts = [t.ods_code for t in trusts]
         self.rng = random.Random(seed)
         self.numbers = valid_nhs_numbers(TEST_RANGE_FIRST + nhs_start)
         self.patients: list[NhsNumber] = []
-        self._accession = 0
+        self._accession = accession_start
         self._mix_shares = [m[1] for m in MODALITY_MIX]
         self._spp_shares = [s[0] for s in STUDIES_PER_PATIENT]
 
