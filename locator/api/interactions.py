@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from locator.api.auditing import AuditBatcher
 from locator.api.auth import Caller
 from locator.api.outcomes import (
     FHIR_JSON,
@@ -66,7 +67,7 @@ from locator.api.search import (
 )
 from locator.audit import record_access
 from locator.config import Settings
-from locator.db import read_connection, transaction
+from locator.db import read_connection
 from locator.metrics import AUDIT_WRITE_FAILURES, SEARCH_LATENCY
 from locator.nhs_number import mask
 from locator.trusts import TrustConfig, TrustRegistry
@@ -93,6 +94,7 @@ class ApiContext:
     session_factory: sessionmaker[Session]
     registry: TrustRegistry
     cursors: CursorCodec
+    audit: AuditBatcher
 
     def trust(self, ods: str) -> TrustConfig:
         trust = self.registry.get(ods)
@@ -159,37 +161,43 @@ def audit_access(
     trust_ods: str | None = None,
     resource_type: str = "ImagingStudy",
 ) -> None:
-    """Write the audit record(s) of one request in a short transaction of their own.
+    """Write the audit record(s) of one request (one per NHS Number shown) with
+    locator.audit.record_access, committed before this returns: a short write transaction,
+    shared with concurrent requests' records (auditing.AuditBatcher).
 
     Raises UnavailableError (503) when the audit trail cannot be written: the caller must
     then return no patient data.
     """
+    who = {
+        "request_id": caller.request_id,
+        "subject": caller.subject,
+        "client_id": caller.client_id,
+        "organisation": caller.organisation,
+        "role": caller.role,
+        "purpose_of_use": caller.purpose_of_use,
+        "remote_addr": caller.remote_addr,
+    }
+    what = {
+        "action": action,
+        "resource_type": resource_type,
+        "query": query,
+        "result_count": result_count,
+        "outcome": outcome,
+        "trust_ods": trust_ods,
+    }
     try:
-        with transaction(ctx.session_factory) as session:
-            for nhs in nhs_numbers or (None,):
-                record_access(
-                    session,
-                    request_id=caller.request_id,
-                    action=action,
-                    resource_type=resource_type,
-                    query=query,
-                    nhs_number=nhs,
-                    result_count=result_count,
-                    outcome=outcome,
-                    subject=caller.subject,
-                    client_id=caller.client_id,
-                    organisation=caller.organisation,
-                    role=caller.role,
-                    purpose_of_use=caller.purpose_of_use,
-                    remote_addr=caller.remote_addr,
-                    trust_ods=trust_ods,
-                )
+        ctx.audit.commit([{**who, **what, "nhs_number": nhs} for nhs in nhs_numbers or (None,)])
     except Exception as exc:
         AUDIT_WRITE_FAILURES.inc()
         log.error("audit write failed (request %s): %s", caller.request_id, type(exc).__name__)
         raise UnavailableError(
             "the audit trail cannot be written just now; no patient data is returned"
         ) from exc
+
+
+def write_audit_record(session: Session, **record: Any) -> None:
+    """The batcher's writer: record_access, looked up at call time."""
+    record_access(session, **record)
 
 
 def audit_query_text(params: Sequence[tuple[str, str]]) -> str:
