@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from locator.api.auth import Caller, require_imaging_read
 from locator.api.capability import capability_statement
@@ -119,7 +120,10 @@ async def search_imaging_study_post(request: Request, caller: ImagingReader) -> 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     pairs: list[tuple[str, str]] = list(request.query_params.multi_items())
     if content_type == FORM_CONTENT_TYPE:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect as exc:  # nobody to answer; not a server error
+            raise BadRequestError("the client disconnected before sending the form") from exc
         if len(body) > MAX_FORM_BYTES:
             raise BadRequestError(f"search form larger than {MAX_FORM_BYTES} bytes")
         try:
