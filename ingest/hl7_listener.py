@@ -285,8 +285,8 @@ class MllpListener:
                 binding.peer_address,
             )
             return False
-        writer.write(frame_message(ack.encode(decision.codec, errors="replace")))
         ACK_LATENCY.labels(feed="hl7").observe(time.perf_counter() - started)
+        writer.write(frame_message(ack.encode(decision.codec, errors="replace")))
         return True
 
     # ------------------------------------------------------------------ lifecycle

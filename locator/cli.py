@@ -395,5 +395,62 @@ def demo(host: str, mllp_port: int, dicom_port: int, dicom_ae: str, http_port: i
         sys.exit(1)
 
 
+# --------------------------------------------------------------------------- journal, replay
+
+
+@main.command("journal")
+@db_option
+@click.option("--trust", "trust_ods", help="Only this trust (ODS code).")
+@click.option("--outcome", "outcomes", multiple=True,
+              type=click.Choice(["accepted", "duplicate", "error", "rejected"]))
+@click.option("--since", help="ISO date/time (UTC unless an offset is given) or an age: 24h, 7d.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--show", "show_id", type=int, help="One entry's stored copy, field by field.")
+def journal_command(database_url: str | None, trust_ods: str | None, outcomes: tuple[str, ...],
+                    since: str | None, limit: int, show_id: int | None) -> None:
+    """Inbound messages by trust, outcome and time, with refusal reasons."""
+    from ingest.replay import describe_entry, journal_lines, parse_since
+
+    engine = prepare_database(_settings(database_url=database_url))
+    factory = make_session_factory(engine)
+    try:
+        lines = (describe_entry(factory, entry_id=show_id) if show_id is not None else
+                 journal_lines(factory, trust_ods=trust_ods, outcomes=outcomes,
+                               since=parse_since(since), limit=limit))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.dispose()
+    for line in lines:
+        click.echo(line)
+
+
+@main.command("replay")
+@db_option
+@click.option("--status", "statuses", multiple=True, type=click.Choice(["error", "rejected"]),
+              help="Which entries (default: both).")
+@click.option("--accept-test-nhs-numbers/--no-accept-test-nhs-numbers", default=None)
+def replay_command(database_url: str | None, statuses: tuple[str, ...],
+                   accept_test_nhs_numbers: bool | None) -> None:
+    """Re-process journaled error/rejected messages after a configuration fix."""
+    from ingest.replay import entries_to_replay, replay_entries
+
+    settings = _settings(database_url=database_url,
+                         accept_test_nhs_numbers=accept_test_nhs_numbers)
+    engine = prepare_database(settings)
+    factory = make_session_factory(engine)
+    try:
+        with factory() as session:
+            registry = load_registry(session)
+        entries = entries_to_replay(factory, outcomes=statuses)
+        with click.progressbar(length=len(entries), label="replaying") as bar:
+            summary = replay_entries(factory, entries, registry=registry,
+                                     accept_test_numbers=settings.accept_test_nhs_numbers,
+                                     progress=bar.update)
+    finally:
+        engine.dispose()
+    click.echo(summary.text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -274,6 +274,31 @@ def list_entries(
     ]
 
 
+def get_entry(session: Session, *, entry_id: int) -> JournalView | None:
+    """One entry with its stored copy."""
+    c = JOURNAL.c
+    r = session.execute(select(JOURNAL).where(c.id == entry_id)).first()
+    if r is None:
+        return None
+    return JournalView(
+        r.id,
+        r.received_at,
+        r.feed,
+        r.trust_ods,
+        r.peer,
+        r.sender_app,
+        r.sender_facility,
+        r.control_id,
+        r.sha256,
+        r.size,
+        bool(r.truncated),
+        Outcome(r.outcome),
+        r.reason,
+        r.replayed_at,
+        r.message,
+    )
+
+
 def count_entries(session: Session, *, feed: str | None = None) -> int:
     query = select(func.count()).select_from(JOURNAL)
     if feed:
