@@ -123,3 +123,18 @@ def test_a_fhir_client_finds_pages_and_follows_endpoints(
         refused = http.get("/ImagingStudy", params={"modality": "CT"})
         assert refused.status_code == 400
         validate(refused.json())
+
+
+def test_the_page_is_served_but_not_the_package_sources() -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from tests.api_helpers import client_for, make_app
+
+    engine = create_engine("sqlite://")
+    client = client_for(make_app(engine, sessionmaker(engine), TrustRegistry([])))
+    assert client.get("/").status_code == 200
+    assert client.get("/app.js").status_code == 200
+    for source in ("/routes.py", "/__init__.py"):
+        assert client.get(source).status_code == 404, source
+    assert client.get("/healthz").json() == {"status": "ok"}
