@@ -441,7 +441,8 @@ IMAGING_STUDY_PARAMETERS: tuple[ParamDef, ...] = (
     ParamDef(
         "_sort",
         "special",
-        "-started (default), started, _lastUpdated, -_lastUpdated.",
+        "-started (default), started, _lastUpdated, -_lastUpdated; a study without a start "
+        "time sorts by when the locator first heard of it.",
         _sort,
         ("_sort",),
         None,
