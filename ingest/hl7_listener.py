@@ -141,6 +141,11 @@ class CommitQueue:
     def _commit_internal_error(self, decision: Decision, deadline: float) -> str | None:
         refused = as_internal_error(decision, "the message could not be applied")
         result = self._attempt([refused], deadline)
+        if result is None:  # not even the refusal could be journaled as it was: keep less
+            refused = as_internal_error(
+                decision, "the message could not be stored", unstorable=True
+            )
+            result = self._attempt([refused], deadline)
         if result is None:
             return None
         if result[0] is not None:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 FEED = "hl7"
 JOURNAL_COPY_MAX_CHARS = 64 * 1024  # an oversize message is journaled truncated to this
 UNKNOWN_TRUST = "unknown"
+UNSTORABLE = "[content not kept: the message could not be stripped or stored]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,11 @@ def decide_message(
 ) -> Decision:
     """Read one message and decide its outcome and ACK (pure; never raises)."""
     text = decode_message(payload) if isinstance(payload, bytes) else payload
-    stored = strip_for_journal(text[:JOURNAL_COPY_MAX_CHARS] if oversize else text)
+    try:
+        stored = strip_for_journal(text[:JOURNAL_COPY_MAX_CHARS] if oversize else text)
+    except Exception:  # the journal copy must never cost the sender its ACK
+        log.exception("stripping a message for the journal failed")
+        stored = UNSTORABLE
     base = Decision(
         received_at,
         sha256,
@@ -341,7 +346,7 @@ def count_outcomes(decisions: Sequence[Decision]) -> None:
         MESSAGES.labels(feed=FEED, trust=d.trust_ods or UNKNOWN_TRUST, outcome=outcome.value).inc()
 
 
-def as_internal_error(d: Decision, text: str) -> Decision:
+def as_internal_error(d: Decision, text: str, *, unstorable: bool = False) -> Decision:
     """The same message answered AE 207 (our own non-transient failure while applying)."""
     error = MessageContentError(ErrorCode.APPLICATION_INTERNAL_ERROR, text)
     return replace(
@@ -351,4 +356,5 @@ def as_internal_error(d: Decision, text: str) -> Decision:
         notices=(),
         ack=build_ack(d.header, error=error),
         final_outcome=None,
+        stored_text=UNSTORABLE if unstorable else d.stored_text,
     )

@@ -110,6 +110,9 @@ def _row(entry: NewEntry) -> dict[str, Any]:
         "ack": entry.ack,
         "message": entry.message,
     }
+    for key, value in row.items():
+        if isinstance(value, str) and "\x00" in value:  # PostgreSQL text holds no NUL
+            row[key] = value.replace("\x00", "\ufffd")
     for key, limit in _FIELD_LIMITS.items():
         if isinstance(row[key], str):
             row[key] = row[key][:limit]
