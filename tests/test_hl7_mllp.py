@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ payloads = st.binary(max_size=300).map(lambda b: b.replace(b"\x0b", b"").replace
 def feed_in_chunks(reader: FrameReader, data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     frames = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in pairwise(points):
         frames += reader.feed(data[start:end])
     return [f.payload for f in frames]
 
@@ -42,7 +43,7 @@ def test_oversize_frames_are_read_to_their_end(
     reader = FrameReader(max_bytes=cap)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     frames = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in pairwise(points):
         frames += reader.feed(stream[start:end])
     assert [(f.size, f.sha256, f.oversize) for f in frames] == [
         (len(m), hashlib.sha256(m).hexdigest(), len(m) > cap) for m in messages
