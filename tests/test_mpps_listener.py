@@ -14,6 +14,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
+from pynetdicom.pdu_primitives import MaximumLengthNotification
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -300,6 +301,23 @@ def test_huge_dataset_refused_while_others_are_served(port: int, ct: Modality) -
         thread.join(timeout=60)
         assert answers and answers[0].status == DimseStatus.PROCESSING_FAILURE
         assert hostile.alive and hostile.echo().status == SUCCESS
+
+
+@pytest.mark.parametrize("oversized_pdus", [False, True])
+def test_a_flood_closes_that_connection_only(port: int, ct: Modality, oversized_pdus: bool) -> None:
+    """Past twice the size cap (or in PDUs over our advertised maximum) a peer is not sending
+    MPPS: its connection is closed rather than buffered, and others carry on."""
+    flood = _huge_raw() * (2 if not oversized_pdus else 1)
+    with modality(port, ae_title="RZZ01MR2") as hostile:
+        if oversized_pdus:  # ignore the maximum PDU length the locator advertised
+            for item in hostile.assoc.acceptor.user_information:
+                if isinstance(item, MaximumLengthNotification):
+                    item.maximum_length_received = 4 * 1024 * 1024
+            flood = flood[: 3 * 1024 * 1024]
+        assert hostile.create_raw(flood, generate_uid()).status == -1  # no answer: closed
+    uid = generate_uid()
+    assert ct.create(mpps_create(), uid).status == SUCCESS
+    assert ct.set(mpps_set(), uid).status == SUCCESS
 
 
 def test_large_sequence_under_the_cap_is_counted(ct: Modality, session_factory: Factory) -> None:
