@@ -97,8 +97,7 @@ def run_unit(
         try:
             with lock:
                 return work()
-        except IntegrityError:
-            DB_ERRORS.labels(where=DB_WHERE).inc()
+        except IntegrityError:  # a race, not a fault: not counted in DB_ERRORS
             if delay is None:
                 raise TemporaryFailureError() from None
         except DBAPIError as exc:

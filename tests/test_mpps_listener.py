@@ -352,12 +352,32 @@ def test_step_survives_a_restart(
         engine.dispose()
 
 
+def _at_once(ports: list[int], uids: list[str], send: Any) -> list[int]:
+    """`send(modality, uid)` for every uid through every port at the same moment (a modality
+    retrying after a timeout while its first attempt is still in flight elsewhere)."""
+    results: list[int] = []
+    barrier = threading.Barrier(len(ports) * len(uids))
+
+    def one(port: int, uid: str) -> None:
+        with modality(port) as m:
+            barrier.wait(timeout=30)
+            results.append(send(m, uid).status)
+
+    workers = [threading.Thread(target=one, args=(p, u)) for u in uids for p in ports]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    return results
+
+
 def test_two_listeners_share_the_steps(
     settings: Settings, session_factory: Factory, registry: TrustRegistry
 ) -> None:
     engine = create_db_engine(settings.database_url)
     uids = [generate_uid() for _ in range(4)]
-    results: list[int] = []
+    create = mpps_create(studies=[(generate_uid(), None)])
+    final = mpps_set(series=[series_item("1.2.826.7", images=1)])
     try:
         other = make_session_factory(engine)
         with (
@@ -365,27 +385,13 @@ def test_two_listeners_share_the_steps(
             running_listener(settings, session_factory=other, registry=registry) as two,
         ):
             ports = [one.ports["dicom"], two.ports["dicom"]]
-            with modality(ports[0]) as a:
-                for uid in uids:
-                    assert a.create(mpps_create(), uid).status == SUCCESS
-            # the same final N-SET reaches both listeners at once (a modality retrying
-            # after a timeout while the first attempt is still in flight)
-            final = mpps_set(series=[series_item("1.2.826.7", images=1)])
-            barrier = threading.Barrier(2 * len(uids))
-
-            def send(port: int, uid: str) -> None:
-                with modality(port) as m:
-                    barrier.wait(timeout=30)
-                    results.append(m.set(final, uid).status)
-
-            workers = [threading.Thread(target=send, args=(p, u)) for u in uids for p in ports]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join(timeout=60)
-        # one applied it, the other saw an identical resend: never an error, never twice
-        assert sorted(results) == [SUCCESS] * len(workers)
-        for uid in uids:
+            # one listener stores each step, the other finds an identical resend (on
+            # PostgreSQL possibly through the unique-key race); never a duplicate
+            created = _at_once(ports, uids, lambda m, u: m.create(create, u))
+            assert sorted(created) == [SUCCESS] * len(created)
+            done = _at_once(ports, uids, lambda m, u: m.set(final, u))
+            assert sorted(done) == [SUCCESS] * len(done)
+        for uid in uids:  # each final N-SET applied once
             row = step_row(session_factory, uid)
             assert row is not None and (row.status, row.version) == ("COMPLETED", 1)
     finally:
