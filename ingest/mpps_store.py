@@ -29,13 +29,11 @@ from ingest.mpps import (
     DuplicateInstanceError,
     NoLongerUpdatableError,
     NoSuchInstanceError,
-    StepAttributes,
-    StepStatus,
-    StepUpdate,
     TemporaryFailureError,
     apply_update,
     build_notice,
 )
+from ingest.mpps_step import StepAttributes, StepStatus, StepUpdate
 from locator.db import is_sqlite, transaction
 from locator.index import apply_notice
 from locator.metrics import DB_ERRORS, STALE_MPPS_STEPS

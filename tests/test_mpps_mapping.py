@@ -15,13 +15,12 @@ from ingest.mpps import (
     InvalidAttributeValueError,
     MppsError,
     NoLongerUpdatableError,
-    StepAttributes,
-    StepStatus,
     apply_update,
     build_notice,
     parse_n_create,
     parse_n_set,
 )
+from ingest.mpps_step import StepAttributes, StepStatus
 from locator.notice import FeedKind, StudyStatus
 from locator.trusts import TrustConfig
 from tests.dicom_helpers import mpps_create, mpps_set, series_item
