@@ -235,6 +235,8 @@ class Modality:
             set_nodelay(self.assoc)
 
     def echo(self) -> Answer:
+        if not self.assoc.is_established:
+            return Answer(-1)
         return _answer(self.assoc.send_c_echo())
 
     def create(self, ds: Dataset | None, uid: str | None) -> Answer:
