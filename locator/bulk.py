@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, select
 
 from locator.index import (
     ACCESSION,
@@ -311,18 +310,35 @@ def _copy(cur: Any, table: str, columns: Sequence[str], rows: Iterable[tuple[Any
 def _insert_batch(
     engine: Engine, batch: Sequence[PreparedStudy], links: Sequence[tuple[Any, ...]]
 ) -> None:
-    """SQLite (and any other backend): executemany inserts through SQLAlchemy Core, so the
-    column types (UTC datetimes) are stored exactly as the service stores them."""
+    """SQLite: the driver's executemany in one transaction. Each value goes through its
+    column type's bind processor first, so (UTC) datetimes are stored exactly as the service
+    stores them."""
     plan = (
         (study_table, STUDY_COLUMNS, [p.study for p in batch]),
         (study_key_table, KEY_COLUMNS, [k for p in batch for k in p.keys]),
         (patient_assertion_table, ASSERTION_COLUMNS, [a for p in batch for a in p.assertions]),
         (local_link_table, LINK_COLUMNS, list(links)),
     )
+    dialect = engine.dialect
     try:
         with engine.begin() as conn:
+            cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             for table, columns, rows in plan:
-                if rows:
-                    conn.execute(insert(table), [dict(zip(columns, r, strict=True)) for r in rows])
-    except IntegrityError as exc:
-        raise BulkLoadError(f"a study of this batch is already stored: {exc.orig}") from exc
+                if not rows:
+                    continue
+                processors = [table.c[name].type.bind_processor(dialect) for name in columns]
+                marks = ", ".join("?" for _ in columns)
+                cursor.executemany(
+                    f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})",
+                    [_bind(row, processors) for row in rows],
+                )
+            cursor.close()
+    except dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
+        raise BulkLoadError(f"a study of this batch is already stored: {exc}") from exc
+
+
+def _bind(row: tuple[Any, ...], processors: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        value if proc is None or value is None else proc(value)
+        for value, proc in zip(row, processors, strict=True)
+    )

@@ -66,13 +66,14 @@ def table(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if results.get("data"):
         lines += [
-            "| bulk load | studies | patients | seconds | studies/s |",
-            "|---|---:|---:|---:|---:|",
+            "| bulk load | studies | patients | seconds | studies/s | bytes/study |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for d in results["data"]:
             lines.append(
                 f"| {d['backend']} | {_fmt(d['studies'])} | {_fmt(d['patients'])} | "
-                f"{_fmt(d['seconds'])} | {_fmt(d['studies_per_second'], 0)} |"
+                f"{_fmt(d['seconds'])} | {_fmt(d['studies_per_second'], 0)} | "
+                f"{_fmt(d.get('bytes_per_study'))} |"
             )
         lines.append("")
     if results.get("ingest"):

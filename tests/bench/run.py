@@ -131,6 +131,7 @@ def build_index(
             "assertions": stats.assertions,
             "seconds": round(stats.seconds, 1),
             "studies_per_second": round(stats.studies_per_second),
+            "bytes_per_study": round(database_bytes(url) / stats.studies),
             "note": "generation + row preparation + load + commit, indexes in place",
         }
     )
@@ -171,6 +172,22 @@ def search_index(
                     f"max {figures.max.rate:,.0f}/s, p99 at half "
                     f"{figures.at_half.p99_ms:.1f} ms"
                 )
+
+
+def database_bytes(url: str) -> int:
+    """The index tables with their indexes (PostgreSQL) or the whole file (SQLite)."""
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    engine = create_db_engine(url)
+    tables = "study", "study_key", "patient_assertion", "local_link"
+    with engine.connect() as conn:
+        size = sum(
+            int(conn.execute(text(f"SELECT pg_total_relation_size('{t}')")).scalar() or 0)
+            for t in tables
+        )
+    engine.dispose()
+    return size
 
 
 def analyse(url: str) -> None:
