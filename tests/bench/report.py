@@ -253,3 +253,24 @@ def _verdict(value: float | None, target: float, *, higher: bool) -> dict[str, A
         return {"measured": None, "target": target, "met": None}
     met = value >= target if higher else value <= target
     return {"measured": round(value, 1), "target": target, "met": met}
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The machine, the conditions and the tables, as Markdown (docs/bench/summary.md)."""
+    m = results["machine"]
+    lines = [
+        f"Measured {results['started']} to {results['finished']} with `{results['command']}` "
+        f"({results['seconds']:.0f} s) on {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_gib']} GiB memory, kernel {m['kernel']}, Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']}, SQLite {m['sqlite']}, Orthanc {m['orthanc']} with "
+        f"DICOMweb {m['orthanc_dicomweb']}, wrk {m['wrk']}. Load average (1/5/15 min) "
+        f"{results['loadavg_start']} at the start and {results['loadavg_end']} at the end.",
+        "",
+        table(results),
+    ]
+    for key, verdict in results.get("targets", {}).items():
+        state = {True: "met", False: "NOT met", None: "not measured"}[verdict["met"]]
+        lines.append(f"- {key}: {verdict['measured']} (target {verdict['target']}): {state}")
+    for item in results.get("not_measured", []):
+        lines.append(f"- not measured: {item}")
+    return "\n".join(lines) + "\n"

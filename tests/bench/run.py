@@ -425,7 +425,7 @@ def data_and_search(
 
 def publish(out: Path) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "fanout.png"):
+    for name in ("results.json", "fanout.png", "summary.md"):
         if (out / name).exists():
             shutil.copy(out / name, DOCS / name)
 
@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = run(args)
     report.write_json(results, args.out / "results.json")
     drew = report.plot(results, args.out / "fanout.png")
+    (args.out / "summary.md").write_text(report.summary(results))
     print()
     print(report.table(results))
     for key, verdict in results["targets"].items():
