@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -67,7 +68,8 @@ def postgres_server(url: str | None, workdir: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    pg_dir = workdir / "pg"
+    # Not inside workdir: that is private to root, and the cluster runs as `postgres`.
+    pg_dir = Path(tempfile.gettempdir()) / f"locator-bench-pg-{uuid.uuid4().hex[:8]}"
     out = subprocess.run(
         ["bash", str(REPO / ".ci/start-postgres"), str(pg_dir)],
         capture_output=True,
