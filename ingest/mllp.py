@@ -119,8 +119,8 @@ class FrameReader:
 
     def _spill_if_oversize(self) -> None:
         # Keep one byte back: it may be the FS of an FS CR split across reads.
-        if self._skipping or len(self._buf) > self.max_bytes:
-            keep = 1 if self._buf.endswith(END_BLOCK) else 0
+        keep = 1 if self._buf.endswith(END_BLOCK) else 0
+        if self._skipping or len(self._buf) - keep > self.max_bytes:
             chunk = bytes(self._buf[: len(self._buf) - keep])
             if not self._skipping:
                 self._skipping, self._head = True, chunk[: self.max_bytes]

@@ -138,24 +138,26 @@ def test_empty_version_is_read_as_2_5_and_echoed_mapped(mllp: ListenerHarness) -
     assert (ack.code, ack.version) == ("AA", "2.5")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "lf-separated-v2.4.hl7",
-        "crlf-separated-v2.4.hl7",
-        "latin1-8859-1-v2.4.hl7",
-        "latin1-undeclared-v2.4.hl7",
-        "version-2.7-read-as-2.5.1.hl7",
-        "nhs-in-pid2-v2.3.hl7",
-        "nhs-cx6-authority-v2.3.hl7",
-        "nhs-trace-suffix-v2.4.hl7",
-    ],
-)
-def test_conventions_accepted(mllp: ListenerHarness, name: str) -> None:
-    ack = mllp.send(load(name))
-    assert ack.code == "AA", ack.raw
-    rows = mllp.studies()
-    assert len(rows) == 1 and rows[0].nhs_number in ("9990000018", "9990000026")
+CONVENTIONS = [
+    "lf-separated-v2.4.hl7",
+    "crlf-separated-v2.4.hl7",
+    "latin1-8859-1-v2.4.hl7",
+    "latin1-undeclared-v2.4.hl7",
+    "version-2.7-read-as-2.5.1.hl7",
+    "nhs-in-pid2-v2.3.hl7",
+    "nhs-cx6-authority-v2.3.hl7",
+    "nhs-trace-suffix-v2.4.hl7",
+]
+
+
+def test_conventions_accepted(mllp: ListenerHarness) -> None:
+    """One listener, one database: each fixture is accepted and linked to its NHS Number."""
+    for count, name in enumerate(CONVENTIONS, start=1):
+        ack = mllp.send(load(name))
+        assert ack.code == "AA", (name, ack.raw)
+        rows = mllp.studies()
+        assert len(rows) == count, name
+        assert all(r.nhs_number in ("9990000018", "9990000026") for r in rows), name
 
 
 def test_untyped_ten_digits_is_held_under_a_local_id(mllp: ListenerHarness) -> None:
@@ -260,26 +262,23 @@ def test_not_hl7_is_answered_ae_207(mllp: ListenerHarness) -> None:
 # --------------------------------------------------------------------------- AR
 
 
-@pytest.mark.parametrize(
-    ("kw", "code", "field"),
-    [
-        ({"msg_type": "ADT^A01^ADT_A01"}, 200, 9),
-        ({"msg_type": "ORU^R30"}, 201, 9),
-        ({"processing": "T"}, 202, 11),
-        ({"processing": "D"}, 202, 11),
-        ({"version": "2.2"}, 203, 12),
-        ({"facility": "NOBODY"}, 204, 4),
-    ],
-)
-def test_header_refusals_ar(
-    mllp: ListenerHarness, kw: dict[str, str], code: int, field: int
-) -> None:
-    ack = mllp.send(oru(control="HDR", **kw))  # type: ignore[arg-type]
-    assert (ack.code, ack.control_id) == ("AR", "HDR")
-    err1 = str(ack.err()(1))
-    assert err1.startswith(f"MSH^1^{field}^{code}&")
+HEADER_REFUSALS = [
+    ({"msg_type": "ADT^A01^ADT_A01"}, 200, 9),
+    ({"msg_type": "ORU^R30"}, 201, 9),
+    ({"processing": "T"}, 202, 11),
+    ({"processing": "D"}, 202, 11),
+    ({"version": "2.2"}, 203, 12),
+    ({"facility": "NOBODY"}, 204, 4),
+]
+
+
+def test_header_refusals_ar(mllp: ListenerHarness) -> None:
+    for n, (kw, code, field) in enumerate(HEADER_REFUSALS, start=1):
+        ack = mllp.send(oru(control=f"HDR{n}", **kw))  # type: ignore[arg-type]
+        assert (ack.code, ack.control_id) == ("AR", f"HDR{n}")
+        assert str(ack.err()(1)).startswith(f"MSH^1^{field}^{code}&"), kw
+        assert mllp.journal()[-1].outcome == "rejected"
     assert mllp.studies() == []
-    assert mllp.journal()[0].outcome == "rejected"
 
 
 def test_dedicated_trust_port(session_factory: sessionmaker[Session], make_listener: Make) -> None:

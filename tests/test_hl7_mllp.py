@@ -30,7 +30,7 @@ def test_frames_survive_any_split(messages: list[bytes], cuts: list[int]) -> Non
     assert reader.error is None and reader.idle
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.lists(payloads, min_size=1, max_size=5),
     st.lists(st.integers(min_value=0), max_size=12),
