@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PORT_LABELS = ("http", "mllp", "dicom")
+# `label=port` at the end of a line (a log record on stderr may share the line in a pipe).
+PORT_LINE = re.compile(r"(?:^|\s|:)(?P<label>http|mllp|dicom|mllp\.[A-Z0-9]+)=(?P<port>\d+)$")
 
 
 @dataclass
@@ -88,9 +91,9 @@ def start_serve(
             continue
         line = process.stdout.readline().rstrip("\n")
         served.output.append(line)
-        label, sep, value = line.partition("=")
-        if sep and value.isdigit():
-            served.ports[label] = int(value)
+        match = PORT_LINE.search(line)
+        if match:
+            served.ports[match["label"]] = int(match["port"])
     return served
 
 
