@@ -541,17 +541,18 @@ class _PatientGroup:
 def _group(message: Hl7Message) -> list[_PatientGroup]:
     """PID starts a patient group; OBR an order group; OBX/ZDS/IPC/NTE belong to the
     preceding OBR (or to the group's first OBR when they come before any)."""
-    groups: list[_PatientGroup] = []
+    current = _PatientGroup(None, 0)  # segments before any PID (a swapped PID/OBR)
+    groups = [current]
     seen: dict[str, int] = {}
-    current = _PatientGroup(None, 0)
     for seg in message.segments[1:]:
         name = seg[0].strip().upper()
         seen[name] = seq = seen.get(name, 0) + 1
         if name == "PID":
-            if current.pid is not None or current.orders:
+            if current.pid is None:
+                current.pid, current.sequence = seg, seq
+            else:
+                current = _PatientGroup(seg, seq)
                 groups.append(current)
-                current = _PatientGroup(seg, seq) if current.pid is not None else current
-            current.pid, current.sequence = seg, seq
         elif name == "OBR":
             current.orders.append(_OrderGroup(seg, seq))
         elif current.orders:
@@ -560,8 +561,6 @@ def _group(message: Hl7Message) -> list[_PatientGroup]:
             current.loose.append((seg, seq))
         if name == "OBX" and _get(seg, 11).strip().upper() == OBX_WRONG_PATIENT:
             current.withdrawn = True
-    if not groups or groups[-1] is not current:
-        groups.append(current)
     for group in groups:
         if group.orders and group.loose:
             group.orders[0].segments[:0] = group.loose

@@ -389,3 +389,21 @@ def test_differential_lean_reader_and_hl7apy_agree(name: str) -> None:
     assert ours == theirs
     assert ours[0].studies
     assert describe_message(strip_for_journal(text))
+
+
+def test_several_patients_give_several_notices() -> None:
+    first = oru(control="TWO", accession="A1")
+    second = oru(pid3="9990000026^^^NHS^NH", accession="A2").split("\r", 1)[1]
+    notices = read(first + "\r" + second)
+    assert [(n.patient.nhs_number, n.studies[0].accession) for n in notices] == [
+        ("9990000018", "A1"),
+        ("9990000026", "A2"),
+    ]
+
+
+@pytest.mark.parametrize("order", [("OBR", "PID", "PID"), ("PID", "PID", "OBR")])
+def test_swapped_and_repeated_pid(order: tuple[str, ...]) -> None:
+    lines = {s[:3]: s for s in oru(body=()).split("\r")}
+    message = "\r".join([lines["MSH"], *(lines[name] for name in order)])
+    notices = read(message)
+    assert len(notices) == 1 and notices[0].studies[0].accession == "RZZ26000001"
