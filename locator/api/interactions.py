@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.responses import Response
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.auditing import AuditBatcher
@@ -67,7 +67,7 @@ from locator.api.search import (
 )
 from locator.audit import record_access
 from locator.config import Settings
-from locator.db import read_connection
+from locator.db import is_sqlite, read_connection
 from locator.metrics import AUDIT_WRITE_FAILURES, SEARCH_LATENCY
 from locator.nhs_number import mask
 from locator.trusts import TrustConfig, TrustRegistry
@@ -101,6 +101,16 @@ class ApiContext:
         if trust is None:  # a study of a trust removed from the registry
             raise UnavailableError(f"trust {ods} is not in the registry")
         return trust
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """locator.db.read_connection; on PostgreSQL in autocommit, since each request reads with
+    one statement: no BEGIN and ROLLBACK round trips (a statement is its own snapshot)."""
+    with read_connection(engine) as conn:
+        if not is_sqlite(engine):
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 def ctx_of(request: Request) -> ApiContext:
@@ -284,7 +294,7 @@ def audit_refusal(
 def answer_search(
     ctx: ApiContext, prepared: SearchRequest, query: SearchQuery, caller: Caller
 ) -> Response:
-    with read_connection(ctx.engine) as conn:
+    with reading(ctx.engine) as conn:
         if query.summary_count:
             total: int | None = count_studies(conn, query=query, registry=ctx.registry)
             rows: Sequence[Any] = []
@@ -363,7 +373,7 @@ def read_imaging_study(
 ) -> Response:
     started = time.perf_counter()
     media_type = negotiate(request)
-    with read_connection(ctx.engine) as conn:
+    with reading(ctx.engine) as conn:
         row = read_study(conn, study_id) if len(study_id) <= 64 else None
         survivor = survivor_of(conn, study_id) if row is not None and row.merged_into else None
     query = f"ImagingStudy/{study_id}"
