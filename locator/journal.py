@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, tuple_, update
+from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from locator.models import journal_table
@@ -137,26 +137,34 @@ def find_previous_many(
     session: Session, *, feed: str, keys: Sequence[MessageKey]
 ) -> dict[MessageKey, list[PreviousEntry]]:
     """Earlier entries for each (sender, facility, control id), newest first; one query."""
-    wanted = {(a[:200], f[:200], c[:200]) for a, f, c in keys}
-    if not wanted:
+    by_sender: dict[tuple[str, str], set[str]] = {}
+    for app, facility, control in keys:
+        by_sender.setdefault((app[:200], facility[:200]), set()).add(control[:200])
+    if not by_sender:
         return {}
     c = JOURNAL.c
+    # One (sender, facility, control id IN ...) term per sender: an index search on SQLite
+    # and PostgreSQL alike (a row-value IN of several rows makes SQLite scan the journal).
+    terms = [
+        and_(
+            c.sender_app == app,
+            c.sender_facility == facility,
+            c.control_id.in_(sorted(controls)),
+        )
+        for (app, facility), controls in sorted(by_sender.items())
+    ]
+    columns = (
+        c.id,
+        c.sender_app,
+        c.sender_facility,
+        c.control_id,
+        c.sha256,
+        c.outcome,
+        c.ack,
+        c.reason,
+    )
     rows = session.execute(
-        select(
-            c.id,
-            c.sender_app,
-            c.sender_facility,
-            c.control_id,
-            c.sha256,
-            c.outcome,
-            c.ack,
-            c.reason,
-        )
-        .where(
-            tuple_(c.sender_app, c.sender_facility, c.control_id).in_(sorted(wanted)),
-            c.feed == feed,
-        )
-        .order_by(c.id.desc())
+        select(*columns).where(or_(*terms), c.feed == feed).order_by(c.id.desc())
     ).all()
     found: dict[MessageKey, list[PreviousEntry]] = {}
     for r in rows:

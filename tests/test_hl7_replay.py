@@ -6,17 +6,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 import ingest.hl7_process as process_module
 from ingest.replay import parse_since
+from locator import migrate
 from locator.cli import main
 from locator.config import Settings
-from locator.journal import purge_journal
+from locator.db import create_db_engine
+from locator.journal import find_previous_many, purge_journal
 from locator.trusts import TrustRegistry, example_trusts, store_trusts
 from tests.hl7_messages.helpers import ListenerHarness, oru
 
@@ -134,3 +138,27 @@ def test_parse_since_dates() -> None:
     assert parse_since("2026-01-02") == datetime(2026, 1, 2, tzinfo=UTC)
     with pytest.raises(ValueError):
         parse_since("yesterday")
+
+
+def test_duplicate_lookup_searches_the_index(tmp_path: Path) -> None:
+    """The per-batch lookup of earlier (sender, facility, control id) entries must stay an
+    index search as the journal grows (SQLite scans on a multi-row row-value IN)."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    migrate.upgrade(engine)
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_a: Any) -> None:
+        if "FROM journal" in statement:
+            captured.append((statement, params))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    keys = [("CRIS", "RZZ01", "A"), ("CRIS", "RZZ01", "B"), ("RADIS", "RZZ02", "C")]
+    with Session(engine) as session:
+        assert find_previous_many(session, feed="hl7", keys=keys) == {}
+    statement, params = captured[0]
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "SCAN journal" not in details
+    assert "ix_journal_sender_app_sender_facility_control_id" in details
+    engine.dispose()
