@@ -238,7 +238,7 @@ def test_sign_in_with_authorization_code_and_pkce(
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_label("NHS Number")).to_be_visible()
 
-    assert page.url == service.base_url + "/"  # code and state gone from the address bar
+    expect(page).to_have_url(service.base_url + "/")  # code and state gone from the address bar
     asked = idp.authorize_requests[-1]
     assert asked["redirect_uri"] == service.base_url + "/"
     assert READ_SCOPE in asked["scope"].split()
@@ -263,7 +263,7 @@ def test_token_handed_in_by_the_launching_system(
     token = idp.mint(READ_SCOPE)
     page.goto(f"{service.base_url}/#access_token={token}&nhs-number={FALL.nhs_number}")
     expect(page.get_by_role("heading", name=RESULTS_HEADING, exact=False)).to_be_visible()
-    assert page.url == service.base_url + "/"  # the fragment is removed at once
+    expect(page).to_have_url(service.base_url + "/")  # the fragment is removed at once
     expect(page.locator("#timeline > li")).to_have_count(4)
     expect(page.get_by_role("button", name="Sign in")).to_be_hidden()
 
@@ -288,6 +288,6 @@ def test_not_authorised_and_expired_token_states(
 def test_state_mismatch_is_refused(page: Page, service: ServeProcess) -> None:
     page.goto(f"{service.base_url}/?code=forged&state=not-ours")
     expect(page.locator("#status")).to_contain_text("Sign-in failed")
-    assert page.url == service.base_url + "/"
+    expect(page).to_have_url(service.base_url + "/")
     assert page.evaluate("sessionStorage.getItem('locator.token')") is None
     expect(page.get_by_role("button", name="Sign in")).to_be_visible()
