@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
+import hl7
 import pytest
 from hl7.client import MLLPClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest.hl7_process import Binding, decide_message
 from locator.config import Settings
-from locator.trusts import TrustRegistry
+from locator.journal import Outcome
+from locator.trusts import TrustRegistry, example_trusts
 from tests.hl7_messages.helpers import CR, EB, SB, ListenerHarness, fixture_names, load
 
 CAP = 4096
 SEEDS = [load(name) for name in fixture_names()]
+REGISTRY = TrustRegistry(example_trusts())
 
 
 def _clean(data: bytes) -> bytes:
@@ -122,3 +127,29 @@ def test_random_garbage_stream_does_not_kill_the_listener(fuzz_listener: Listene
             sock.settimeout(30)
             assert sock.recv(100) == b""
     assert fuzz_listener.send(load("sample-oru-final-v2.4.hl7")).code == "CA"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.one_of(mutated(), st.binary(max_size=300)))
+def test_reader_always_decides(payload: bytes) -> None:
+    """The pure path never raises: every payload gets an outcome and an ACK that an
+    independent parser reads, echoing MSH-10 when there is one."""
+    decision = decide_message(
+        payload,
+        sha256="0" * 64,
+        size=len(payload),
+        oversize=False,
+        registry=REGISTRY,
+        binding=Binding(),
+        accept_test_numbers=True,
+        received_at=datetime.now(UTC),
+    )
+    assert decision.outcome in (Outcome.ACCEPTED, Outcome.ERROR, Outcome.REJECTED)
+    ack = hl7.parse(decision.ack)
+    code = str(ack.segment("MSA")(1))
+    assert code in ("AA", "AE", "AR", "CA", "CE", "CR")
+    if decision.header is not None:
+        assert decision.ack.split("\r")[1].split(decision.header.delimiters.field)[2] == (
+            decision.header.msh10
+        )
+    assert (decision.outcome == Outcome.ACCEPTED) == (code in ("AA", "CA"))
