@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import click
 from sqlalchemy import Engine
@@ -178,19 +178,36 @@ def check_exposure(settings: Settings, roles: set[str]) -> None:
         and not (settings.jwt_issuer and settings.jwt_audience)
     ):
         raise StartupError("--issuer and --audience are required when the API is not on loopback")
-    feeds: tuple[tuple[Literal["mllp", "dicom"], Path | None], ...] = (
-        ("mllp", settings.mllp_tls_cert),
-        ("dicom", settings.dicom_tls_cert),
-    )
-    for role, tls in feeds:
-        host = settings.listener_host(role)
-        plain_allowed = settings.allow_plain_feeds
-        if role in roles and not is_loopback(host) and tls is None and not plain_allowed:
+    for role in plain_feed_roles(settings, roles):
+        if not settings.allow_plain_feeds:
+            host = settings.listener_host(role)  # type: ignore[arg-type]
             raise StartupError(
                 f"refusing a plain {role.upper()} listener on {host}: configure TLS "
                 f"(LOCATOR_{role.upper()}_TLS_*) or pass --allow-plain-feeds with trusts' "
                 "source_addresses"
             )
+
+
+def plain_feed_roles(settings: Settings, roles: set[str]) -> list[str]:
+    """Feed listeners bound beyond loopback without TLS."""
+    tls = {"mllp": settings.mllp_tls_cert, "dicom": settings.dicom_tls_cert}
+    return [
+        role
+        for role in ("mllp", "dicom")
+        if role in roles and tls[role] is None and not is_loopback(settings.listener_host(role))
+    ]
+
+
+def check_plain_feed_trusts(settings: Settings, roles: set[str], registry: TrustRegistry) -> None:
+    """--allow-plain-feeds holds only together with every trust's source_addresses
+    (interface.md, Security): a plain feed must still know who may speak for whom."""
+    plain = plain_feed_roles(settings, roles)
+    unbound = sorted(t.ods_code for t in registry if not t.source_addresses)
+    if plain and unbound:
+        raise StartupError(
+            f"plain {'/'.join(r.upper() for r in plain)} beyond loopback: --allow-plain-feeds "
+            f"needs source_addresses for every trust; missing for {', '.join(unbound)}"
+        )
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
@@ -212,7 +229,7 @@ class ApiListener:
         config = uvicorn.Config(
             app,
             log_config=None,
-            access_log=settings.access_log,
+            access_log=False,  # locator.api.middleware writes a masked access log
             lifespan="off",
             timeout_graceful_shutdown=10,
         )
@@ -260,9 +277,12 @@ async def start_listeners(
 
 
 def announce(settings: Settings, listeners: list[Listener]) -> None:
+    # One write per line: stderr's log records share the terminal (or pipe) with these lines,
+    # and print() writes the text and its newline separately.
     for listener in listeners:
         for label, port in listener.ports.items():
-            print(f"{label}={port}", flush=True)
+            sys.stdout.write(f"{label}={port}\n")
+            sys.stdout.flush()
     ports = {k: v for li in listeners for k, v in li.ports.items()}
     if "http" in ports:
         base = f"http://{settings.listener_host('http')}:{ports['http']}/fhir"
@@ -274,7 +294,8 @@ def announce(settings: Settings, listeners: list[Listener]) -> None:
         )
     if "mllp" in ports and "dicom" in ports:
         print(
-            f"demo: locator demo --mllp-port {ports['mllp']} --dicom-port {ports['dicom']}",
+            f"demo: locator demo --mllp-port {ports['mllp']} --dicom-port {ports['dicom']}"
+            + (f" --http-port {ports['http']}" if "http" in ports else ""),
             flush=True,
         )
     if not settings.jwks and "http" in ports:
@@ -294,6 +315,7 @@ async def run_service(settings: Settings) -> None:
         registry = prepare_registry(settings, factory)
     except TrustFileError as exc:
         raise StartupError(str(exc)) from exc
+    check_plain_feed_trusts(settings, roles, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -401,22 +423,40 @@ def demo(host: str, mllp_port: int, dicom_port: int, dicom_ae: str, http_port: i
 @main.command("journal")
 @db_option
 @click.option("--trust", "trust_ods", help="Only this trust (ODS code).")
-@click.option("--outcome", "outcomes", multiple=True,
-              type=click.Choice(["accepted", "duplicate", "error", "rejected"]))
+@click.option(
+    "--outcome",
+    "outcomes",
+    multiple=True,
+    type=click.Choice(["accepted", "duplicate", "error", "rejected"]),
+)
 @click.option("--since", help="ISO date/time (UTC unless an offset is given) or an age: 24h, 7d.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--show", "show_id", type=int, help="One entry's stored copy, field by field.")
-def journal_command(database_url: str | None, trust_ods: str | None, outcomes: tuple[str, ...],
-                    since: str | None, limit: int, show_id: int | None) -> None:
+def journal_command(
+    database_url: str | None,
+    trust_ods: str | None,
+    outcomes: tuple[str, ...],
+    since: str | None,
+    limit: int,
+    show_id: int | None,
+) -> None:
     """Inbound messages by trust, outcome and time, with refusal reasons."""
     from ingest.replay import describe_entry, journal_lines, parse_since
 
     engine = prepare_database(_settings(database_url=database_url))
     factory = make_session_factory(engine)
     try:
-        lines = (describe_entry(factory, entry_id=show_id) if show_id is not None else
-                 journal_lines(factory, trust_ods=trust_ods, outcomes=outcomes,
-                               since=parse_since(since), limit=limit))
+        lines = (
+            describe_entry(factory, entry_id=show_id)
+            if show_id is not None
+            else journal_lines(
+                factory,
+                trust_ods=trust_ods,
+                outcomes=outcomes,
+                since=parse_since(since),
+                limit=limit,
+            )
+        )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -427,16 +467,21 @@ def journal_command(database_url: str | None, trust_ods: str | None, outcomes: t
 
 @main.command("replay")
 @db_option
-@click.option("--status", "statuses", multiple=True, type=click.Choice(["error", "rejected"]),
-              help="Which entries (default: both).")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["error", "rejected"]),
+    help="Which entries (default: both).",
+)
 @click.option("--accept-test-nhs-numbers/--no-accept-test-nhs-numbers", default=None)
-def replay_command(database_url: str | None, statuses: tuple[str, ...],
-                   accept_test_nhs_numbers: bool | None) -> None:
+def replay_command(
+    database_url: str | None, statuses: tuple[str, ...], accept_test_nhs_numbers: bool | None
+) -> None:
     """Re-process journaled error/rejected messages after a configuration fix."""
     from ingest.replay import entries_to_replay, replay_entries
 
-    settings = _settings(database_url=database_url,
-                         accept_test_nhs_numbers=accept_test_nhs_numbers)
+    settings = _settings(database_url=database_url, accept_test_nhs_numbers=accept_test_nhs_numbers)
     engine = prepare_database(settings)
     factory = make_session_factory(engine)
     try:
@@ -444,9 +489,13 @@ def replay_command(database_url: str | None, statuses: tuple[str, ...],
             registry = load_registry(session)
         entries = entries_to_replay(factory, outcomes=statuses)
         with click.progressbar(length=len(entries), label="replaying") as bar:
-            summary = replay_entries(factory, entries, registry=registry,
-                                     accept_test_numbers=settings.accept_test_nhs_numbers,
-                                     progress=bar.update)
+            summary = replay_entries(
+                factory,
+                entries,
+                registry=registry,
+                accept_test_numbers=settings.accept_test_nhs_numbers,
+                progress=bar.update,
+            )
     finally:
         engine.dispose()
     click.echo(summary.text())

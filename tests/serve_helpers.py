@@ -65,7 +65,7 @@ def start_serve(
     cwd: Path,
     env: dict[str, str] | None = None,
     expect: tuple[str, ...] = PORT_LABELS,
-    timeout: float = 60,
+    timeout: float = 120,
 ) -> Served:
     """Start `locator serve` and wait until every expected `label=port` line is printed."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -99,3 +99,26 @@ def test_postgres_needs_db_upgrade_before_serve(empty_db_url: str, tmp_path: Pat
     ) as served:
         organisations = httpx.get(f"{served.base_url}/fhir/Organization/RZZ01", timeout=10)
         assert organisations.status_code == 200
+
+
+def test_allow_plain_feeds_needs_every_trusts_source_addresses(tmp_path: Path) -> None:
+    from locator.cli import StartupError, check_plain_feed_trusts
+    from locator.config import Settings
+    from locator.trusts import TrustRegistry, example_trusts, parse_trusts_toml
+
+    plain = Settings(mllp_host="0.0.0.0", allow_plain_feeds=True)
+    examples = TrustRegistry(example_trusts())
+    try:
+        check_plain_feed_trusts(plain, {"mllp"}, examples)
+    except StartupError as exc:
+        assert "missing for RZZ01, RZZ02, RZZ03" in exc.message
+    else:
+        raise AssertionError("plain feeds accepted without source_addresses")
+    bound = TrustRegistry(
+        parse_trusts_toml(
+            '[[trust]]\nods_code = "RQQ01"\nname = "Q"\nviewer_url = "https://v/{study_uid}"\n'
+            'dicomweb_url = "https://d"\nsource_addresses = ["192.0.2.0/24"]\n'
+        )
+    )
+    check_plain_feed_trusts(plain, {"mllp"}, bound)
+    check_plain_feed_trusts(Settings(allow_plain_feeds=True), {"mllp"}, examples)  # loopback
