@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +22,26 @@ PORT_LINE = re.compile(r"(?:^|\s|:)(?P<label>http|mllp|dicom|mllp\.[A-Z0-9]+)=(?
 
 @dataclass
 class Served:
+    """A running `locator serve`. A reader thread drains its output for its whole life (a
+    full pipe would block the server; a select() beside a buffered readline() would miss
+    lines already read into the buffer)."""
+
     process: subprocess.Popen[str]
-    ports: dict[str, int]
+    ports: dict[str, int] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    reader: threading.Thread | None = None
+
+    def start_reading(self) -> None:
+        def drain() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                self.output.append(line.rstrip("\n"))
+                self.lines.put(line.rstrip("\n"))
+            self.lines.put(None)
+
+        self.reader = threading.Thread(target=drain, daemon=True)
+        self.reader.start()
 
     @property
     def base_url(self) -> str:
@@ -38,8 +56,9 @@ class Served:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
-        rest = self.process.stdout.read() if self.process.stdout else ""
-        self.output.extend(rest.splitlines())
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=10)
         return self.process.returncode
 
 
@@ -65,7 +84,7 @@ def start_serve(
     cwd: Path,
     env: dict[str, str] | None = None,
     expect: tuple[str, ...] = PORT_LABELS,
-    timeout: float = 120,
+    timeout: float = 90,
 ) -> Served:
     """Start `locator serve` and wait until every expected `label=port` line is printed."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -77,20 +96,17 @@ def start_serve(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    served = Served(process, {})
-    assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
+    served = Served(process)
+    served.start_reading()
     deadline = time.monotonic() + timeout
     while not all(label in served.ports for label in expect):
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            rest = process.stdout.read()
-            raise AssertionError("serve did not start:\n" + "\n".join(served.output) + rest)
-        if not selector.select(timeout=0.5):
-            continue
-        line = process.stdout.readline().rstrip("\n")
-        served.output.append(line)
+        try:
+            line = served.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            served.stop(timeout=5)
+            raise AssertionError("serve did not start:\n" + "\n".join(served.output))
         match = PORT_LINE.search(line)
         if match:
             served.ports[match["label"]] = int(match["port"])
