@@ -578,21 +578,23 @@ def _create(conn: Connection, notice: StudyNotice, target: _Target, facts: Study
     uids = [v for k, v in target.new_keys if k == UID]
     accessions = [v for k, v in target.new_keys if k == ACCESSION]
     conn.execute(
-        insert(STUDY).values(
-            id=target.id,
-            trust_ods=trust,
-            study_uid=_least(*uids),
-            accession=_least(*accessions),
-            created_at=now,
-            first_seen=now,
-            last_seen=now,
-            updated_at=now,
-            version=1,
+        _INSERT_STUDY,
+        {
+            "id": target.id,
+            "trust_ods": trust,
+            "study_uid": _least(*uids),
+            "accession": _least(*accessions),
+            "created_at": now,
+            "first_seen": now,
+            "last_seen": now,
+            "updated_at": now,
+            "version": 1,
+            "merged_into": None,
             **_derived_columns(facts, patient, assertions, now),
-        )
+        },
     )
     _insert_keys(conn, trust, target.id, target.new_keys)
-    conn.execute(insert(ASSERTION), rows)
+    conn.execute(_INSERT_ASSERTION, rows)
 
 
 def _update(
