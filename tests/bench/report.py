@@ -184,10 +184,10 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         )
         right.plot(
             sizes,
-            [best[x]["at_half"]["p99_ms"] for x in sizes],
+            [best[x]["at_half"]["p95_ms"] for x in sizes],
             "s--",
             color=color,
-            label=f"{backend} p99 at half max",
+            label=f"{backend} p95 at half max",
         )
     if searches:
         right.set_xscale("log")
