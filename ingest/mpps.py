@@ -66,6 +66,7 @@ ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO: at most 64 characters
 NHS_ISSUER = "NHS"
 # DICOM coding scheme designators -> FHIR code systems (PS3.16 Section 8).
 CODING_SYSTEMS = {
+    "NICIP": "https://nicip.nhs.uk",  # England's imaging procedure codes, as the HL7 feed maps
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
     "SCT": "http://snomed.info/sct",
     "SRT": "http://snomed.info/sct",

@@ -335,3 +335,17 @@ def test_n_set_hash_identifies_identical_resends() -> None:
         parse_n_set(mpps_set(), trust=TRUST).content_hash
         != parse_n_set(ds, trust=TRUST).content_hash
     )
+
+
+@pytest.mark.parametrize(
+    ("scheme", "system"),
+    [("NICIP", "https://nicip.nhs.uk"), ("SCT", "http://snomed.info/sct"), ("LOCAL", None)],
+)
+def test_procedure_code_scheme_is_mapped_like_the_hl7_feed(scheme: str, system: str | None) -> None:
+    ds = mpps_create()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "CHEAD", scheme, "CT Head"
+    ds.ProcedureCodeSequence = DicomSequence([code])
+    procedure = create(ds).procedure
+    assert procedure is not None
+    assert (procedure.system, procedure.code, procedure.display) == (system, "CHEAD", "CT Head")
