@@ -33,6 +33,7 @@ from locator.index import (
     derive_patient,
     facts_of_ref,
     fhir_status,
+    patient_claims,
 )
 from locator.models import (
     local_link_table,
@@ -40,7 +41,7 @@ from locator.models import (
     study_key_table,
     study_table,
 )
-from locator.notice import PatientRef, StudyNotice
+from locator.notice import StudyNotice
 
 DEFAULT_BATCH_SIZE = 20_000
 
@@ -85,18 +86,6 @@ ASSERTION_COLUMNS = (
     "first_seen",
 )
 LINK_COLUMNS = ("trust_ods", "local_id", "nhs_number", "first_seen")
-
-
-def _claims(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
-    """(patient_key, nhs_number, local_id) a notice asserts: the index's rule (with an NHS
-    Number the claim is the NHS Number and the local id becomes a link). tests/test_bulk.py
-    compares the loader with apply_notice, so a change of the rule there fails here."""
-    claims: list[tuple[str, str | None, str | None]] = []
-    if patient.nhs_number:
-        claims.append((f"nhs:{patient.nhs_number}", patient.nhs_number, None))
-    if patient.local_id and (patient.withdrawn or not patient.nhs_number):
-        claims.append((f"local:{patient.local_id}", None, patient.local_id))
-    return claims
 
 
 class BulkLoadError(ValueError):
@@ -150,7 +139,7 @@ def prepare_study(notices: Sequence[StudyNotice], *, study_id: str) -> PreparedS
             keys[(UID, ref.study_uid)] = None
         if ref.accession:
             keys[(ACCESSION, ref.accession)] = None
-        for patient_key, nhs, local in _claims(notice.patient):
+        for patient_key, nhs, local in patient_claims(notice.patient):
             assertions.setdefault(
                 (notice.source, patient_key),
                 (

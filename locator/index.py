@@ -458,7 +458,7 @@ def _move_assertions(conn: Connection, *, loser: str, survivor: str) -> None:
         conn.execute(ASSERTION.delete().where(ASSERTION.c.id == row.id))
 
 
-def _claims(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
+def patient_claims(patient: PatientRef) -> list[tuple[str, str | None, str | None]]:
     """(patient_key, nhs_number, local_id) a notice asserts or withdraws. With an NHS Number
     the claim is the NHS Number (the local id becomes a link); a withdrawal withdraws both."""
     claims: list[tuple[str, str | None, str | None]] = []
@@ -481,7 +481,7 @@ def _assertion_rows(notice: StudyNotice, study_id: str, now: datetime) -> list[d
             "withdrawn": notice.patient.withdrawn,
             "first_seen": now,
         }
-        for key, nhs, local in _claims(notice.patient)
+        for key, nhs, local in patient_claims(notice.patient)
     ]
 
 
