@@ -2,9 +2,9 @@
 
 Two halves. `decide_message` is pure and fast (no I/O): frame bytes -> header checks, trust
 binding, the ORU reading, the ACK to send and the journal copy. `commit_decisions` runs
-inside the caller's transaction: idempotency against the journal, apply_notice for each
-notice of an accepted message, and the journal row. The caller commits, and only then sends
-the ACKs (interface.md, Feeds: "sent only after the message's effect is committed").
+inside the caller's transaction: idempotency against the journal, the notices of the
+accepted messages applied (apply_notices), and the journal rows. The caller commits, and only
+then sends the ACKs (interface.md, Feeds: "sent only after the message's effect is committed").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ingest.hl7_oru import (
     strip_for_journal,
 )
 from locator import journal
-from locator.index import apply_notice
+from locator.index import apply_notices
 from locator.journal import NewEntry, Outcome, PreviousEntry
 from locator.metrics import MESSAGES
 from locator.notice import StudyNotice
@@ -230,11 +230,15 @@ def commit_decisions(session: Session, decisions: Sequence[Decision]) -> list[st
     """Apply and journal each decision in the caller's transaction; the ACK of each.
 
     Few statements per batch: one lookup of earlier entries for every message of the batch,
-    apply_notice per notice, one executemany of the journal rows."""
+    the notices of the messages that are not duplicates applied together (apply_notices),
+    one executemany of the journal rows."""
     keys = [_key(d) for d in decisions if d.check_duplicate]
     previous = journal.find_previous_many(session, feed=FEED, keys=[k for k in keys if k])
     rows: list[NewEntry] = []
-    acks = [_commit_one(session, d, previous, rows) for d in decisions]
+    notices: list[StudyNotice] = []
+    acks = [_sort_one(session, d, previous, rows, notices) for d in decisions]
+    if notices:
+        apply_notices(session, notices=notices)
     journal.record_entries(session, entries=rows)
     return acks
 
@@ -244,12 +248,14 @@ def _key(d: Decision) -> journal.MessageKey | None:
     return (h.sending_application, h.sending_facility, h.control_id) if h else None
 
 
-def _commit_one(
+def _sort_one(
     session: Session,
     d: Decision,
     previous: dict[journal.MessageKey, list[PreviousEntry]],
     rows: list[NewEntry],
+    notices: list[StudyNotice],
 ) -> str:
+    """Journal one message; its notices go to `notices` unless it is a duplicate."""
     key = _key(d)
     if d.check_duplicate and key is not None:
         earlier = previous.get(key, [])
@@ -264,8 +270,7 @@ def _commit_one(
                 "a new message",
                 *reversed(key),
             )
-    for notice in d.notices:
-        apply_notice(session, notice=notice)
+    notices += d.notices
     _journal(session, d, d.outcome, d.reason, d.ack, rows)
     if key is not None:  # later messages of the same batch see this one
         previous.setdefault(key, []).insert(

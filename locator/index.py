@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -565,35 +566,50 @@ def _differs(old: Any, new: Any) -> bool:
 
 def _insert_keys(conn: Connection, trust: str, study_id: str, keys: list[tuple[str, str]]) -> None:
     if keys:
-        rows = [{"trust_ods": trust, "kind": k, "value": v, "study_id": study_id} for k, v in keys]
-        conn.execute(_INSERT_KEY, rows)
+        conn.execute(_INSERT_KEY, _key_rows(trust, study_id, keys))
+
+
+def _new_study(
+    notice: StudyNotice,
+    target: _Target,
+    facts: StudyFacts,
+    assertions: Sequence[Assertion],
+    links: dict[str, frozenset[str]],
+) -> dict[str, Any]:
+    """The row of a study a notice creates: every column computed before the one INSERT."""
+    now = notice.received_at
+    uids = [v for k, v in target.new_keys if k == UID]
+    accessions = [v for k, v in target.new_keys if k == ACCESSION]
+    return {
+        "id": target.id,
+        "trust_ods": notice.trust_ods,
+        "study_uid": _least(*uids),
+        "accession": _least(*accessions),
+        "created_at": now,
+        "first_seen": now,
+        "last_seen": now,
+        "updated_at": now,
+        "version": 1,
+        "merged_into": None,
+        **_derived_columns(facts, derive_patient(assertions, links), assertions, now),
+    }
+
+
+def _as_assertions(rows: list[dict[str, Any]]) -> list[Assertion]:
+    return [Assertion(r["nhs_number"], r["local_id"], r["withdrawn"]) for r in rows]
+
+
+def _key_rows(trust: str, study_id: str, keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [{"trust_ods": trust, "kind": k, "value": v, "study_id": study_id} for k, v in keys]
 
 
 def _create(conn: Connection, notice: StudyNotice, target: _Target, facts: StudyFacts) -> None:
-    """A study this notice creates: every column computed before the one INSERT."""
-    now, trust = notice.received_at, notice.trust_ods
-    rows = _assertion_rows(notice, target.id, now)
-    assertions = [Assertion(r["nhs_number"], r["local_id"], r["withdrawn"]) for r in rows]
-    patient = derive_patient(assertions, _links(conn, trust, assertions))
-    uids = [v for k, v in target.new_keys if k == UID]
-    accessions = [v for k, v in target.new_keys if k == ACCESSION]
-    conn.execute(
-        _INSERT_STUDY,
-        {
-            "id": target.id,
-            "trust_ods": trust,
-            "study_uid": _least(*uids),
-            "accession": _least(*accessions),
-            "created_at": now,
-            "first_seen": now,
-            "last_seen": now,
-            "updated_at": now,
-            "version": 1,
-            "merged_into": None,
-            **_derived_columns(facts, patient, assertions, now),
-        },
-    )
-    _insert_keys(conn, trust, target.id, target.new_keys)
+    """A study this notice creates."""
+    rows = _assertion_rows(notice, target.id, notice.received_at)
+    assertions = _as_assertions(rows)
+    links = _links(conn, notice.trust_ods, assertions)
+    conn.execute(_INSERT_STUDY, _new_study(notice, target, facts, assertions, links))
+    _insert_keys(conn, notice.trust_ods, target.id, target.new_keys)
     conn.execute(_INSERT_ASSERTION, rows)
 
 
@@ -665,6 +681,150 @@ def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
     if changed and notice.patient.nhs_number:
         log.debug("applied a notice for %s", mask(notice.patient.nhs_number))
     return AppliedNotice(tuple(touched), changed)
+
+
+# --------------------------------------------------------------------------- batches
+
+_TrustKey = tuple[str, str, str]  # (trust, kind, value)
+
+
+def apply_notices(session: Session, *, notices: Sequence[StudyNotice]) -> None:
+    """Apply notices in order, to the state apply_notice leaves applying them one by one.
+
+    Notices that can only create new studies are written together, a few statements for the
+    whole batch instead of a few per notice. Such a notice states an NHS Number and withdraws
+    nothing (so its claims name no local id and no link bears on its study), its keys are
+    stored nowhere and named by no other notice of the batch, and its local id holds no stored
+    study and is named by no notice that goes the other way. It shares no key, study or local
+    id with the rest of the batch, so the order between it and the others changes nothing;
+    every other notice goes, in order, through apply_notice."""
+    conn = session.connection()
+    fresh = _creating_only(conn, notices)
+    for i, notice in enumerate(notices):
+        if i not in fresh:
+            apply_notice(session, notice=notice)
+    if fresh:
+        _create_all(conn, [notices[i] for i in sorted(fresh)])
+
+
+def _trust_keys(notice: StudyNotice) -> list[_TrustKey]:
+    return [(notice.trust_ods, k, v) for ref in notice.studies for k, v in _keys_of(ref)]
+
+
+def _local(notice: StudyNotice) -> tuple[str, str] | None:
+    local = notice.patient.local_id
+    return (notice.trust_ods, local) if local else None
+
+
+def _creating_only(conn: Connection, notices: Sequence[StudyNotice]) -> set[int]:
+    """The notices of the batch that create new studies and touch nothing else."""
+    named = Counter(key for n in notices for key in _trust_keys(n))
+    candidates = {
+        i
+        for i, n in enumerate(notices)
+        if n.patient.nhs_number
+        and not n.patient.withdrawn
+        and n.studies
+        and all(ref.study_uid or ref.accession for ref in n.studies)
+        and all(named[key] == 1 for key in _trust_keys(n))
+    }
+    others = {_local(n) for i, n in enumerate(notices) if i not in candidates} - {None}
+    candidates = {i for i in candidates if _local(notices[i]) not in others}
+    if not candidates:
+        return candidates
+    stored = _stored_keys(conn, [k for i in candidates for k in _trust_keys(notices[i])])
+    holding = _holding(conn, [local for i in candidates if (local := _local(notices[i]))])
+    return {
+        i
+        for i in candidates
+        if stored.isdisjoint(_trust_keys(notices[i])) and _local(notices[i]) not in holding
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_keys_stmt(groups: int) -> Any:
+    """Which keys are stored, as one (trust, kind, value IN ...) term per trust and kind: an
+    index search on both backends (a row-value IN makes SQLite scan the table). Built once
+    per number of terms: building a statement costs more than running it."""
+    terms = [
+        and_(
+            KEY.c.trust_ods == bindparam(f"t{i}"),
+            KEY.c.kind == bindparam(f"k{i}"),
+            KEY.c.value.in_(bindparam(f"v{i}", expanding=True)),
+        )
+        for i in range(groups)
+    ]
+    return select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(or_(*terms))
+
+
+@functools.lru_cache(maxsize=64)
+def _holding_stmt(groups: int) -> Any:
+    """Which (trust, local id) have stored patient assertions, one term per trust."""
+    terms = [
+        and_(
+            ASSERTION.c.trust_ods == bindparam(f"t{i}"),
+            ASSERTION.c.local_id.in_(bindparam(f"v{i}", expanding=True)),
+        )
+        for i in range(groups)
+    ]
+    return select(ASSERTION.c.trust_ods, ASSERTION.c.local_id).where(or_(*terms)).distinct()
+
+
+def _stored_keys(conn: Connection, keys: list[_TrustKey]) -> set[_TrustKey]:
+    groups: dict[tuple[str, str], set[str]] = {}
+    for trust, kind, value in keys:
+        groups.setdefault((trust, kind), set()).add(value)
+    params: dict[str, Any] = {}
+    for i, ((trust, kind), values) in enumerate(sorted(groups.items())):
+        params |= {f"t{i}": trust, f"k{i}": kind, f"v{i}": sorted(values)}
+    rows = conn.execute(_stored_keys_stmt(len(groups)), params)
+    return {(r.trust_ods, r.kind, r.value) for r in rows}
+
+
+def _holding(conn: Connection, local_ids: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    groups: dict[str, set[str]] = {}
+    for trust, local in local_ids:
+        groups.setdefault(trust, set()).add(local)
+    if not groups:
+        return set()
+    params: dict[str, Any] = {}
+    for i, (trust, values) in enumerate(sorted(groups.items())):
+        params |= {f"t{i}": trust, f"v{i}": sorted(values)}
+    rows = conn.execute(_holding_stmt(len(groups)), params)
+    return {(r.trust_ods, r.local_id) for r in rows}
+
+
+def _create_all(conn: Connection, notices: Sequence[StudyNotice]) -> None:
+    """Every study of notices that only create: the rows of _record_link and _create, one
+    statement per table."""
+    links: dict[tuple[str, str, str], dict[str, Any]] = {}
+    studies, keys, assertions = [], [], []
+    for notice in notices:
+        patient = notice.patient
+        if patient.local_id and patient.nhs_number:
+            link = (notice.trust_ods, patient.local_id, patient.nhs_number)
+            links.setdefault(
+                link,
+                {
+                    "trust_ods": notice.trust_ods,
+                    "local_id": patient.local_id,
+                    "nhs_number": patient.nhs_number,
+                    "first_seen": notice.received_at,
+                },
+            )
+        for ref in notice.studies:
+            target = _Target(uuid.uuid4().hex, None, _keys_of(ref))
+            rows = _assertion_rows(notice, target.id, notice.received_at)
+            # An NHS Number and no withdrawal: the claims name no local id, so no links apply.
+            facts = facts_of_ref(notice, ref)
+            studies.append(_new_study(notice, target, facts, _as_assertions(rows), {}))
+            keys += _key_rows(notice.trust_ods, target.id, target.new_keys)
+            assertions += rows
+    if links:  # kept once, the first notice's time, as _record_link keeps it
+        conn.execute(_upserts(conn.dialect.name)[1], list(links.values()))
+    conn.execute(_INSERT_STUDY, studies)
+    conn.execute(_INSERT_KEY, keys)
+    conn.execute(_INSERT_ASSERTION, assertions)
 
 
 def study_ids_for(

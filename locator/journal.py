@@ -11,13 +11,14 @@ idempotency (a previous message with the same sender, facility and control id), 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from locator.models import journal_table
@@ -119,39 +120,36 @@ def _row(entry: NewEntry) -> dict[str, Any]:
     return row
 
 
+_INSERT_ENTRY = insert(JOURNAL)
+
+
 def record_entry(session: Session, *, entry: NewEntry) -> None:
     """Insert one journal row (one statement)."""
-    session.execute(insert(JOURNAL), [_row(entry)])
+    session.connection().execute(_INSERT_ENTRY, [_row(entry)])
 
 
 def record_entries(session: Session, *, entries: Sequence[NewEntry]) -> None:
     """Insert many journal rows in one executemany (a group commit's rows)."""
     if entries:
-        session.execute(insert(JOURNAL), [_row(e) for e in entries])
+        session.connection().execute(_INSERT_ENTRY, [_row(e) for e in entries])
 
 
 MessageKey = tuple[str, str, str]  # (sender application, sender facility, control id)
 
 
-def find_previous_many(
-    session: Session, *, feed: str, keys: Sequence[MessageKey]
-) -> dict[MessageKey, list[PreviousEntry]]:
-    """Earlier entries for each (sender, facility, control id), newest first; one query."""
-    by_sender: dict[tuple[str, str], set[str]] = {}
-    for app, facility, control in keys:
-        by_sender.setdefault((app[:200], facility[:200]), set()).add(control[:200])
-    if not by_sender:
-        return {}
+@functools.lru_cache(maxsize=64)
+def _previous_stmt(senders: int) -> Any:
+    """One (sender, facility, control id IN ...) term per sender: an index search on SQLite
+    and PostgreSQL alike (a row-value IN of several rows makes SQLite scan the journal).
+    Built once per number of senders: building a statement costs more than running it."""
     c = JOURNAL.c
-    # One (sender, facility, control id IN ...) term per sender: an index search on SQLite
-    # and PostgreSQL alike (a row-value IN of several rows makes SQLite scan the journal).
     terms = [
         and_(
-            c.sender_app == app,
-            c.sender_facility == facility,
-            c.control_id.in_(sorted(controls)),
+            c.sender_app == bindparam(f"a{i}"),
+            c.sender_facility == bindparam(f"f{i}"),
+            c.control_id.in_(bindparam(f"c{i}", expanding=True)),
         )
-        for (app, facility), controls in sorted(by_sender.items())
+        for i in range(senders)
     ]
     columns = (
         c.id,
@@ -163,9 +161,22 @@ def find_previous_many(
         c.ack,
         c.reason,
     )
-    rows = session.execute(
-        select(*columns).where(or_(*terms), c.feed == feed).order_by(c.id.desc())
-    ).all()
+    return select(*columns).where(or_(*terms), c.feed == bindparam("feed")).order_by(c.id.desc())
+
+
+def find_previous_many(
+    session: Session, *, feed: str, keys: Sequence[MessageKey]
+) -> dict[MessageKey, list[PreviousEntry]]:
+    """Earlier entries for each (sender, facility, control id), newest first; one query."""
+    by_sender: dict[tuple[str, str], set[str]] = {}
+    for app, facility, control in keys:
+        by_sender.setdefault((app[:200], facility[:200]), set()).add(control[:200])
+    if not by_sender:
+        return {}
+    params: dict[str, Any] = {"feed": feed}
+    for i, ((app, facility), controls) in enumerate(sorted(by_sender.items())):
+        params |= {f"a{i}": app, f"f{i}": facility, f"c{i}": sorted(controls)}
+    rows = session.connection().execute(_previous_stmt(len(by_sender)), params).all()
     found: dict[MessageKey, list[PreviousEntry]] = {}
     for r in rows:
         found.setdefault((r.sender_app, r.sender_facility, r.control_id), []).append(

@@ -6,12 +6,17 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.db import transaction
 from locator.index import AppliedNotice, apply_notice
-from locator.models import study_key_table, study_table
+from locator.models import (
+    local_link_table,
+    patient_assertion_table,
+    study_key_table,
+    study_table,
+)
 from locator.nhs_number import NhsNumber
 from locator.notice import FeedKind, PatientRef, StudyNotice, StudyRef
 
@@ -60,3 +65,31 @@ def keys_of(factory: sessionmaker[Session], study_id: str) -> set[tuple[str, str
             )
         )
         return {(r.kind, r.value) for r in rows}
+
+
+def snapshot(engine: Engine, *, ignored: set[str]) -> dict[str, Any]:
+    """Every row the index wrote, keyed by what identifies it apart from the study id (the
+    accession: every study of the benchmark generator has one)."""
+    with engine.connect() as conn:
+        rows = {r.accession: r for r in conn.execute(select(study_table))}
+        by_id = {r.id: acc for acc, r in rows.items()}
+        keys = {
+            (r.trust_ods, r.kind, r.value, by_id[r.study_id])
+            for r in conn.execute(select(study_key_table))
+        }
+        assertions = {
+            (by_id[r.study_id], r.source, r.patient_key, r.nhs_number, r.local_id, r.withdrawn)
+            for r in conn.execute(select(patient_assertion_table))
+        }
+        links = {
+            (r.trust_ods, r.local_id, r.nhs_number) for r in conn.execute(select(local_link_table))
+        }
+    columns = [c.name for c in study_table.columns if c.name not in ignored]
+    studies = {acc: {c: getattr(r, c) for c in columns} for acc, r in rows.items()}
+    return {"studies": studies, "keys": keys, "assertions": assertions, "links": links}
+
+
+def clear_index(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for table in (local_link_table, patient_assertion_table, study_key_table, study_table):
+            conn.execute(delete(table))

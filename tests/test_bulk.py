@@ -4,24 +4,20 @@ and the loaded studies are found by a patient's NHS Number the way the API reads
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.bulk import STUDY_COLUMNS, BulkLoadError, bulk_load
+from locator.bulk import BulkLoadError, bulk_load
 from locator.db import transaction
 from locator.index import apply_notice
 from locator.models import (
-    local_link_table,
-    patient_assertion_table,
-    study_key_table,
     study_table,
 )
 from locator.notice import StudyNotice
 from locator.trusts import store_trusts
 from tests.bench.datagen import Generator, make_trusts, notices_of
+from tests.index_helpers import clear_index, snapshot
 
 STUDIES = 150
 # Bookkeeping that differs by construction: ids are new, and apply_notice bumps the version
@@ -36,35 +32,6 @@ def _generate(session_factory: sessionmaker[Session]) -> list[tuple[StudyNotice,
     return [notices_of(s) for s in Generator(trusts, seed=7).studies(STUDIES)]
 
 
-def _snapshot(engine: Engine) -> dict[str, Any]:
-    """Every row the index wrote, keyed by what identifies it apart from the study id."""
-    with engine.connect() as conn:
-        studies = {r.accession: r for r in conn.execute(select(study_table))}
-        by_id = {r.id: acc for acc, r in studies.items()}
-        keys = {
-            (r.trust_ods, r.kind, r.value, by_id[r.study_id])
-            for r in conn.execute(select(study_key_table))
-        }
-        assertions = {
-            (by_id[r.study_id], r.source, r.patient_key, r.nhs_number, r.local_id, r.withdrawn)
-            for r in conn.execute(select(patient_assertion_table))
-        }
-        links = {
-            (r.trust_ods, r.local_id, r.nhs_number) for r in conn.execute(select(local_link_table))
-        }
-    rows = {
-        acc: {c: getattr(r, c) for c in STUDY_COLUMNS if c not in IGNORED}
-        for acc, r in studies.items()
-    }
-    return {"studies": rows, "keys": keys, "assertions": assertions, "links": links}
-
-
-def _clear(engine: Engine) -> None:
-    with engine.begin() as conn:
-        for table in (local_link_table, patient_assertion_table, study_key_table, study_table):
-            conn.execute(delete(table))
-
-
 def test_bulk_load_writes_what_apply_notice_writes(
     engine: Engine, session_factory: sessionmaker[Session]
 ) -> None:
@@ -73,13 +40,13 @@ def test_bulk_load_writes_what_apply_notice_writes(
         for notice in notices:
             with transaction(session_factory) as session:
                 apply_notice(session, notice=notice)
-    expected = _snapshot(engine)
-    _clear(engine)
+    expected = snapshot(engine, ignored=IGNORED)
+    clear_index(engine)
 
     stats = bulk_load(engine, studies=studies, batch_size=40)
 
     assert stats.studies == STUDIES
-    loaded = _snapshot(engine)
+    loaded = snapshot(engine, ignored=IGNORED)
     assert loaded["keys"] == expected["keys"]
     assert loaded["assertions"] == expected["assertions"]
     assert loaded["links"] == expected["links"]

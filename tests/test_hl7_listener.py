@@ -462,20 +462,20 @@ def test_conflict_retries_the_unit(mllp: ListenerHarness, monkeypatch: pytest.Mo
 def test_apply_failure_is_ae_207_for_that_message_only(
     mllp: ListenerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = process_module.apply_notice
+    real = process_module.apply_notices
 
-    def picky(session: Session, *, notice: Any) -> Any:
-        if notice.studies[0].accession == "POISON":
+    def picky(session: Session, *, notices: Any) -> Any:
+        if any(n.studies[0].accession == "POISON" for n in notices):
             raise ValueError("bad data")
-        return real(session, notice=notice)
+        return real(session, notices=notices)
 
-    monkeypatch.setattr(process_module, "apply_notice", picky)
+    monkeypatch.setattr(process_module, "apply_notices", picky)
     ack = mllp.send(oru(control="X1", accession="POISON"))
     assert ack.code == "AE" and "207" in str(ack.err()(1))
     assert mllp.send(oru(control="X2", accession="FINE")).code == "AA"
     assert [r.accession for r in mllp.studies()] == ["FINE"]
     # a resend after our own failure is processed again, not answered from the journal
-    monkeypatch.setattr(process_module, "apply_notice", real)
+    monkeypatch.setattr(process_module, "apply_notices", real)
     assert mllp.send(oru(control="X1", accession="POISON")).code == "AA"
 
 

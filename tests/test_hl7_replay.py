@@ -96,14 +96,14 @@ def test_replay_of_something_since_accepted_is_a_duplicate(
     strict: ListenerHarness, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     message = oru(control="D1", pid3="K1^^^RZZ^MR")
-    real = process_module.apply_notice
+    real = process_module.apply_notices
 
-    def broken(session: Session, *, notice: Any) -> Any:
+    def broken(session: Session, *, notices: Any) -> Any:
         raise ValueError("a bug of ours")
 
-    monkeypatch.setattr(process_module, "apply_notice", broken)
+    monkeypatch.setattr(process_module, "apply_notices", broken)
     assert strict.send(message).code == "AE"  # 207: our own failure
-    monkeypatch.setattr(process_module, "apply_notice", real)
+    monkeypatch.setattr(process_module, "apply_notices", real)
     assert strict.send(message).code == "AA"  # the sender's resend is processed again
     version = strict.rows("SELECT version FROM study")[0].version
     result = CliRunner().invoke(main, ["replay", "--db", db_url, "--status", "error"])

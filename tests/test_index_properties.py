@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from locator.db import transaction
+from locator.index import apply_notices
 from locator.models import study_key_table, study_table
 from locator.nhs_number import NhsNumber
 from locator.notice import (
@@ -248,3 +250,20 @@ def test_patient_state_matches_the_model(session_factory: Factory, specs: list[S
         assert (row["patient_state"], row["nhs_number"]) == (expected_state, expected_nhs)
         if expected_state == "entered-in-error":
             assert row["status"] == "entered-in-error"
+
+
+@PROPERTY_SETTINGS
+@given(specs=specs_strategy, data=st.data())
+def test_batches_end_in_the_same_state_as_one_by_one(
+    session_factory: Factory, specs: list[Spec], data: st.DataObject
+) -> None:
+    """The HL7 group commit applies a batch with apply_notices: cut the same notices into
+    batches anywhere and the end state is that of applying them one by one."""
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(specs) - 1)))))
+    ns1, ns2 = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+    apply_all(session_factory, [build(s, ns1) for s in specs])
+    notices = [build(s, ns2) for s in specs]
+    for start, end in zip([0, *cuts], [*cuts, len(notices)], strict=True):
+        with transaction(session_factory) as session:
+            apply_notices(session, notices=notices[start:end])
+    assert state(session_factory, ns1) == state(session_factory, ns2)
