@@ -78,6 +78,23 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 @contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """Statements whose results nobody reads, sent together: on PostgreSQL one round trip
+    for all of them (psycopg's pipeline mode; an error surfaces at the end of the block, as
+    SQLAlchemy's exception for it); elsewhere each runs as usual."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None, "a live connection"
+    try:
+        with raw.pipeline():
+            yield
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(None, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+
+
+@contextmanager
 def read_connection(engine: Engine) -> Iterator[Connection]:
     """A connection for the hot read path (Core selects, plain rows, no ORM)."""
     with engine.connect() as conn:

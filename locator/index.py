@@ -37,6 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from locator.db import pipelined
 from locator.models import (
     local_link_table,
     patient_assertion_table,
@@ -325,9 +326,10 @@ _FIND: dict[tuple[str, ...], Any] = {
     for kinds in ((UID,), (ACCESSION,), (UID, ACCESSION))
 }
 _LOAD = select(STUDY).where(STUDY.c.id == bindparam("study_id")).with_for_update()
-_INSERT_STUDY = insert(STUDY)
-_INSERT_KEY = insert(KEY)
-_INSERT_ASSERTION = insert(ASSERTION)
+# inline(): no RETURNING of generated keys (nothing reads them), so they can be pipelined.
+_INSERT_STUDY = insert(STUDY).inline()
+_INSERT_KEY = insert(KEY).inline()
+_INSERT_ASSERTION = insert(ASSERTION).inline()
 _UPDATE_STUDY = update(STUDY).where(STUDY.c.id == bindparam("_study_id"))
 _STORED_ASSERTIONS = select(
     ASSERTION.c.nhs_number, ASSERTION.c.local_id, ASSERTION.c.withdrawn
@@ -351,7 +353,7 @@ def _upserts(dialect: str) -> tuple[Any, Any]:
         index_elements=["study_id", "source", "patient_key"],
         set_={"withdrawn": ASSERTION.c.withdrawn | assertion.excluded.withdrawn},
     )
-    link = dialect_insert(LINK).on_conflict_do_nothing()
+    link = dialect_insert(LINK).inline().on_conflict_do_nothing()
     return assertion, link
 
 
@@ -820,11 +822,12 @@ def _create_all(conn: Connection, notices: Sequence[StudyNotice]) -> None:
             studies.append(_new_study(notice, target, facts, _as_assertions(rows), {}))
             keys += _key_rows(notice.trust_ods, target.id, target.new_keys)
             assertions += rows
-    if links:  # kept once, the first notice's time, as _record_link keeps it
-        conn.execute(_upserts(conn.dialect.name)[1], list(links.values()))
-    conn.execute(_INSERT_STUDY, studies)
-    conn.execute(_INSERT_KEY, keys)
-    conn.execute(_INSERT_ASSERTION, assertions)
+    with pipelined(conn):
+        if links:  # kept once, the first notice's time, as _record_link keeps it
+            conn.execute(_upserts(conn.dialect.name)[1], list(links.values()))
+        conn.execute(_INSERT_STUDY, studies)
+        conn.execute(_INSERT_KEY, keys)
+        conn.execute(_INSERT_ASSERTION, assertions)
 
 
 def study_ids_for(

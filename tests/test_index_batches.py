@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.db import transaction
+from locator import index as index_module
+from locator.db import is_conflict, transaction
 from locator.index import PatientState, apply_notice, apply_notices
 from locator.notice import ReportStatus, StudyNotice, StudyRef
 from locator.trusts import store_trusts
@@ -164,3 +165,24 @@ def test_a_study_named_twice_in_a_batch_keeps_the_best_report(session_factory: F
         apply_notices(session, notices=[final, preliminary])
     [row] = studies(session_factory)
     assert (row.report_status, row.accession, row.nhs_number) == ("final", "A9", NHS_A)
+
+
+def test_a_race_lost_in_a_batch_is_a_conflict_to_retry(
+    session_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer stores a key between the batch's look-up and its inserts (here: the
+    look-up is made to miss it): the batch fails as a conflict, which the MLLP committer
+    retries, and the retry finds the study."""
+    first = notice(StudyRef(study_uid="1.2.7", accession="A7"), nhs=NHS_A)
+    with transaction(session_factory) as session:
+        apply_notices(session, notices=[first])
+    again = notice(StudyRef(study_uid="1.2.7", accession="A7"), nhs=NHS_A, source="hl7:RIS2")
+    monkeypatch.setattr(index_module, "_stored_keys", lambda conn, keys: set())
+    with pytest.raises(Exception) as raised, transaction(session_factory) as session:
+        apply_notices(session, notices=[again])
+    assert is_conflict(raised.value), raised.value
+    monkeypatch.undo()
+    with transaction(session_factory) as session:
+        apply_notices(session, notices=[again])
+    [row] = studies(session_factory)
+    assert row.nhs_number == NHS_A and row.version == 1
