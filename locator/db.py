@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -80,8 +80,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 @contextmanager
 def pipelined(conn: Connection) -> Iterator[None]:
     """Statements whose results nobody reads, sent together: on PostgreSQL one round trip
-    for all of them (psycopg's pipeline mode; an error surfaces at the end of the block, as
-    SQLAlchemy's exception for it); elsewhere each runs as usual."""
+    for all of them (psycopg's pipeline mode; an error surfaces at the end of the block, or
+    at a commit inside it, as SQLAlchemy's exception for it); elsewhere each runs as usual.
+
+    On an error the transaction, aborted on the server anyway, is rolled back at once: a
+    failed commit inside the block leaves SQLAlchemy believing it ended, and the pool would
+    otherwise take the connection back still in the failed transaction."""
     if conn.dialect.name != "postgresql":
         yield
         return
@@ -90,8 +94,12 @@ def pipelined(conn: Connection) -> Iterator[None]:
     try:
         with raw.pipeline():
             yield
-    except conn.dialect.loaded_dbapi.Error as exc:
-        raise DBAPIError.instance(None, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+    except BaseException as exc:
+        with suppress(Exception):  # a broken connection: the pool discards it anyway
+            raw.rollback()
+        if isinstance(exc, conn.dialect.loaded_dbapi.Error):
+            raise DBAPIError.instance(None, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+        raise
 
 
 @contextmanager

@@ -10,11 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.auditing import AuditBatcher
-from locator.audit import record_access
+from locator.audit import record_accesses
 from locator.models import audit_table
 
 Factory = sessionmaker[Session]
@@ -41,15 +41,15 @@ def stored(factory: Factory, request_id: str | None = None) -> int:
 
 
 def test_concurrent_records_are_all_committed_before_commit_returns(
-    session_factory: Factory,
+    engine: Engine, session_factory: Factory
 ) -> None:
-    transactions = []
+    written: list[str] = []
 
-    def counting_write(session: Session, **rec: Any) -> None:
-        transactions.append(id(session))
-        record_access(session, **rec)
+    def counting_write(conn: Connection, records: Any) -> None:
+        written.extend(r["request_id"] for r in records)
+        record_accesses(conn, records)
 
-    batcher = AuditBatcher(session_factory, counting_write)
+    batcher = AuditBatcher(engine, counting_write)
     missing: list[str] = []
 
     def request(n: int) -> None:
@@ -63,25 +63,26 @@ def test_concurrent_records_are_all_committed_before_commit_returns(
     for t in threads:
         t.join()
     assert missing == [] and stored(session_factory) == 40
-    assert len(transactions) == 40
+    assert sorted(written) == sorted(f"req-{n}" for n in range(40))
 
 
 def test_records_queued_during_a_commit_share_the_next_transaction(
-    session_factory: Factory,
+    engine: Engine, session_factory: Factory
 ) -> None:
     sessions: dict[str, int] = {}
     numbers = itertools.count()
     batcher: AuditBatcher
 
-    def slow_first(session: Session, **rec: Any) -> None:
-        sessions[rec["request_id"]] = session.info.setdefault("tx", next(numbers))
-        record_access(session, **rec)
-        if rec["request_id"] == "req-0":  # hold the first commit until five more are queued
+    def slow_first(conn: Connection, records: Any) -> None:
+        tx = next(numbers)  # one call of the writer is one transaction
+        sessions.update((r["request_id"], tx) for r in records)
+        record_accesses(conn, records)
+        if "req-0" in sessions and tx == 0:  # hold the first commit until five more queue
             deadline = time.monotonic() + 10
             while len(batcher._queue) < 5 and time.monotonic() < deadline:
                 time.sleep(0.001)
 
-    batcher = AuditBatcher(session_factory, slow_first)
+    batcher = AuditBatcher(engine, slow_first)
     first = threading.Thread(target=batcher.commit, args=([record(0)],))
     first.start()
     while "req-0" not in sessions:
@@ -96,13 +97,15 @@ def test_records_queued_during_a_commit_share_the_next_transaction(
     assert len(shared) == 1 and shared != {sessions["req-0"]}  # one later transaction
 
 
-def test_a_failed_batch_fails_its_requests_and_writes_nothing(session_factory: Factory) -> None:
-    def failing(session: Session, **rec: Any) -> None:
-        record_access(session, **rec)
-        if rec["request_id"] == "req-2":
+def test_a_failed_batch_fails_its_requests_and_writes_nothing(
+    engine: Engine, session_factory: Factory
+) -> None:
+    def failing(conn: Connection, records: Any) -> None:
+        record_accesses(conn, records)
+        if any(r["request_id"] == "req-2" for r in records):
             raise RuntimeError("disk full")
 
-    batcher = AuditBatcher(session_factory, failing)
+    batcher = AuditBatcher(engine, failing)
     batcher.commit([record(1)])
     with pytest.raises(RuntimeError, match="disk full"):
         batcher.commit([record(2), record(3)])

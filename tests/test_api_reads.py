@@ -183,7 +183,7 @@ def test_no_patient_data_without_an_audit_record(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("audit store down")
 
-    monkeypatch.setattr(interactions, "record_access", broken)
+    monkeypatch.setattr(interactions, "record_accesses", broken)
     before = AUDIT_WRITE_FAILURES._value.get()
     for response in (search(client, ALICE), read(client, sid)):
         outcome = outcome_of(response, 503)

@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from locator import __version__
 from locator.api.auditing import AuditBatcher
-from locator.api.interactions import ApiContext, write_audit_record
+from locator.api.interactions import ApiContext, write_audit_records
 from locator.api.outcomes import install_error_handlers
 from locator.api.paging import CursorCodec, load_or_create_secret
 from locator.api.routes import fhir, ops
@@ -71,7 +71,7 @@ def create_app(
         version=__version__,
         description="Which NHS trust holds which imaging studies, per NHS Number (FHIR R4).",
     )
-    audit = AuditBatcher(session_factory, write_audit_record)
+    audit = AuditBatcher(engine, write_audit_records)
     app.state.ctx = ApiContext(settings, engine, session_factory, registry, cursors, audit)
     install_error_handlers(app)
     # The security work's layer: request context middleware (request id, masked access log),

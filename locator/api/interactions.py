@@ -65,7 +65,7 @@ from locator.api.search import (
     split_or,
     split_token,
 )
-from locator.audit import record_access
+from locator.audit import record_accesses
 from locator.config import Settings
 from locator.db import is_sqlite, read_connection
 from locator.metrics import AUDIT_WRITE_FAILURES, SEARCH_LATENCY
@@ -172,7 +172,7 @@ def audit_access(
     resource_type: str = "ImagingStudy",
 ) -> None:
     """Write the audit record(s) of one request (one per NHS Number shown) with
-    locator.audit.record_access, committed before this returns: a short write transaction,
+    locator.audit.record_accesses, committed before this returns: a short write transaction,
     shared with concurrent requests' records (auditing.AuditBatcher).
 
     Raises UnavailableError (503) when the audit trail cannot be written: the caller must
@@ -205,9 +205,9 @@ def audit_access(
         ) from exc
 
 
-def write_audit_record(session: Session, **record: Any) -> None:
-    """The batcher's writer: record_access, looked up at call time."""
-    record_access(session, **record)
+def write_audit_records(conn: Connection, records: Sequence[dict[str, Any]]) -> None:
+    """The batcher's writer: record_accesses, looked up at call time."""
+    record_accesses(conn, records)
 
 
 def audit_query_text(params: Sequence[tuple[str, str]]) -> str:
