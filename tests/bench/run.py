@@ -20,11 +20,12 @@ import asyncio
 import os
 import random
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,13 +195,14 @@ def settle(url: str) -> None:
     gathered and dirty pages written out (PostgreSQL VACUUM ANALYZE and CHECKPOINT, what
     autovacuum and the checkpointer do soon after anyway; SQLite a WAL checkpoint), so they
     do not compete with the searches for the disk."""
+    if url.startswith("sqlite"):  # outside SQLAlchemy: its connections begin transactions
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return
     engine = create_db_engine(url)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        if url.startswith("sqlite"):
-            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-        else:
-            conn.execute(text("VACUUM ANALYZE"))
-            conn.execute(text("CHECKPOINT"))
+        conn.execute(text("VACUUM ANALYZE"))
+        conn.execute(text("CHECKPOINT"))
     engine.dispose()
 
 
