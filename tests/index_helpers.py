@@ -93,3 +93,12 @@ def clear_index(engine: Engine) -> None:
     with engine.begin() as conn:
         for table in (local_link_table, patient_assertion_table, study_key_table, study_table):
             conn.execute(delete(table))
+
+
+def assert_same_index(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Two snapshots hold the same rows (a study at a time, so a difference names it)."""
+    for part in ("keys", "assertions", "links"):
+        assert actual[part] == expected[part], part
+    assert actual["studies"].keys() == expected["studies"].keys()
+    for accession, row in expected["studies"].items():
+        assert actual["studies"][accession] == row, accession
