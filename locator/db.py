@@ -8,11 +8,20 @@ concurrent writers wait instead of failing. PostgreSQL goes through psycopg 3.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    or_,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -75,6 +84,35 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work at an edge: commit on success, roll back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+def in_groups(prefix: Sequence[Any], value: Any, groups: int) -> ColumnElement[bool]:
+    """`(prefix = :g<i>_<j> ... AND value IN :v<i>) OR ...` for `groups` groups, the parameters
+    of group_params: an index search on SQLite and PostgreSQL alike, where a row-value IN of
+    several rows makes SQLite scan the table. Build it once per number of groups (building a
+    statement costs more than running it)."""
+    return or_(
+        *(
+            and_(
+                *(column == bindparam(f"g{i}_{j}") for j, column in enumerate(prefix)),
+                value.in_(bindparam(f"v{i}", expanding=True)),
+            )
+            for i in range(groups)
+        )
+    )
+
+
+def group_params(rows: Iterable[tuple[Any, ...]]) -> tuple[int, dict[str, Any]]:
+    """Rows `(prefix..., value)` grouped by prefix: the number of groups and in_groups'
+    parameters."""
+    groups: dict[tuple[Any, ...], set[Any]] = {}
+    for *prefix, value in rows:
+        groups.setdefault(tuple(prefix), set()).add(value)
+    params: dict[str, Any] = {}
+    for i, (group, values) in enumerate(sorted(groups.items())):
+        params |= {f"g{i}_{j}": part for j, part in enumerate(group)}
+        params[f"v{i}"] = sorted(values)
+    return len(groups), params
 
 
 @contextmanager

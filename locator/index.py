@@ -37,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from locator.db import pipelined
+from locator.db import group_params, in_groups, pipelined
 from locator.models import (
     local_link_table,
     patient_assertion_table,
@@ -720,7 +720,9 @@ def _local(notice: StudyNotice) -> tuple[str, str] | None:
 
 def _creating_only(conn: Connection, notices: Sequence[StudyNotice]) -> set[int]:
     """The notices of the batch that create new studies and touch nothing else."""
-    named = Counter(key for n in notices for key in _trust_keys(n))
+    keys = [_trust_keys(n) for n in notices]
+    locals_ = [_local(n) for n in notices]
+    named = Counter(key for ks in keys for key in ks)
     candidates = {
         i
         for i, n in enumerate(notices)
@@ -728,71 +730,42 @@ def _creating_only(conn: Connection, notices: Sequence[StudyNotice]) -> set[int]
         and not n.patient.withdrawn
         and n.studies
         and all(ref.study_uid or ref.accession for ref in n.studies)
-        and all(named[key] == 1 for key in _trust_keys(n))
+        and all(named[key] == 1 for key in keys[i])
     }
-    others = {_local(n) for i, n in enumerate(notices) if i not in candidates} - {None}
-    candidates = {i for i in candidates if _local(notices[i]) not in others}
+    others = {locals_[i] for i in range(len(notices)) if i not in candidates} - {None}
+    candidates = {i for i in candidates if locals_[i] not in others}
     if not candidates:
         return candidates
-    stored = _stored_keys(conn, [k for i in candidates for k in _trust_keys(notices[i])])
-    holding = _holding(conn, [local for i in candidates if (local := _local(notices[i]))])
-    return {
-        i
-        for i in candidates
-        if stored.isdisjoint(_trust_keys(notices[i])) and _local(notices[i]) not in holding
-    }
+    stored = _stored_keys(conn, [key for i in candidates for key in keys[i]])
+    holding = _holding(conn, [local for i in candidates if (local := locals_[i])])
+    return {i for i in candidates if stored.isdisjoint(keys[i]) and locals_[i] not in holding}
 
 
 @functools.lru_cache(maxsize=64)
 def _stored_keys_stmt(groups: int) -> Any:
-    """Which keys are stored, as one (trust, kind, value IN ...) term per trust and kind: an
-    index search on both backends (a row-value IN makes SQLite scan the table). Built once
-    per number of terms: building a statement costs more than running it."""
-    terms = [
-        and_(
-            KEY.c.trust_ods == bindparam(f"t{i}"),
-            KEY.c.kind == bindparam(f"k{i}"),
-            KEY.c.value.in_(bindparam(f"v{i}", expanding=True)),
-        )
-        for i in range(groups)
-    ]
-    return select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(or_(*terms))
+    """Which keys are stored: one (trust, kind, value IN ...) term per trust and kind."""
+    match = in_groups((KEY.c.trust_ods, KEY.c.kind), KEY.c.value, groups)
+    return select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(match)
 
 
 @functools.lru_cache(maxsize=64)
 def _holding_stmt(groups: int) -> Any:
     """Which (trust, local id) have stored patient assertions, one term per trust."""
-    terms = [
-        and_(
-            ASSERTION.c.trust_ods == bindparam(f"t{i}"),
-            ASSERTION.c.local_id.in_(bindparam(f"v{i}", expanding=True)),
-        )
-        for i in range(groups)
-    ]
-    return select(ASSERTION.c.trust_ods, ASSERTION.c.local_id).where(or_(*terms)).distinct()
+    match = in_groups((ASSERTION.c.trust_ods,), ASSERTION.c.local_id, groups)
+    return select(ASSERTION.c.trust_ods, ASSERTION.c.local_id).where(match).distinct()
 
 
 def _stored_keys(conn: Connection, keys: list[_TrustKey]) -> set[_TrustKey]:
-    groups: dict[tuple[str, str], set[str]] = {}
-    for trust, kind, value in keys:
-        groups.setdefault((trust, kind), set()).add(value)
-    params: dict[str, Any] = {}
-    for i, ((trust, kind), values) in enumerate(sorted(groups.items())):
-        params |= {f"t{i}": trust, f"k{i}": kind, f"v{i}": sorted(values)}
-    rows = conn.execute(_stored_keys_stmt(len(groups)), params)
+    groups, params = group_params(keys)
+    rows = conn.execute(_stored_keys_stmt(groups), params)
     return {(r.trust_ods, r.kind, r.value) for r in rows}
 
 
 def _holding(conn: Connection, local_ids: list[tuple[str, str]]) -> set[tuple[str, str]]:
-    groups: dict[str, set[str]] = {}
-    for trust, local in local_ids:
-        groups.setdefault(trust, set()).add(local)
-    if not groups:
+    if not local_ids:
         return set()
-    params: dict[str, Any] = {}
-    for i, (trust, values) in enumerate(sorted(groups.items())):
-        params |= {f"t{i}": trust, f"v{i}": sorted(values)}
-    rows = conn.execute(_holding_stmt(len(groups)), params)
+    groups, params = group_params(local_ids)
+    rows = conn.execute(_holding_stmt(groups), params)
     return {(r.trust_ods, r.local_id) for r in rows}
 
 

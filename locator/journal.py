@@ -18,9 +18,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from locator.db import group_params, in_groups
 from locator.models import journal_table
 
 JOURNAL: Table = journal_table
@@ -139,18 +140,8 @@ MessageKey = tuple[str, str, str]  # (sender application, sender facility, contr
 
 @functools.lru_cache(maxsize=64)
 def _previous_stmt(senders: int) -> Any:
-    """One (sender, facility, control id IN ...) term per sender: an index search on SQLite
-    and PostgreSQL alike (a row-value IN of several rows makes SQLite scan the journal).
-    Built once per number of senders: building a statement costs more than running it."""
+    """Earlier entries: one (sender, facility, control id IN ...) term per sender."""
     c = JOURNAL.c
-    terms = [
-        and_(
-            c.sender_app == bindparam(f"a{i}"),
-            c.sender_facility == bindparam(f"f{i}"),
-            c.control_id.in_(bindparam(f"c{i}", expanding=True)),
-        )
-        for i in range(senders)
-    ]
     columns = (
         c.id,
         c.sender_app,
@@ -161,22 +152,19 @@ def _previous_stmt(senders: int) -> Any:
         c.ack,
         c.reason,
     )
-    return select(*columns).where(or_(*terms), c.feed == bindparam("feed")).order_by(c.id.desc())
+    match = in_groups((c.sender_app, c.sender_facility), c.control_id, senders)
+    return select(*columns).where(match, c.feed == bindparam("feed")).order_by(c.id.desc())
 
 
 def find_previous_many(
     session: Session, *, feed: str, keys: Sequence[MessageKey]
 ) -> dict[MessageKey, list[PreviousEntry]]:
     """Earlier entries for each (sender, facility, control id), newest first; one query."""
-    by_sender: dict[tuple[str, str], set[str]] = {}
-    for app, facility, control in keys:
-        by_sender.setdefault((app[:200], facility[:200]), set()).add(control[:200])
-    if not by_sender:
+    if not keys:
         return {}
-    params: dict[str, Any] = {"feed": feed}
-    for i, ((app, facility), controls) in enumerate(sorted(by_sender.items())):
-        params |= {f"a{i}": app, f"f{i}": facility, f"c{i}": sorted(controls)}
-    rows = session.connection().execute(_previous_stmt(len(by_sender)), params).all()
+    senders, params = group_params((a[:200], f[:200], c[:200]) for a, f, c in keys)
+    statement = _previous_stmt(senders)
+    rows = session.connection().execute(statement, params | {"feed": feed}).all()
     found: dict[MessageKey, list[PreviousEntry]] = {}
     for r in rows:
         found.setdefault((r.sender_app, r.sender_facility, r.control_id), []).append(

@@ -91,9 +91,9 @@ def test_a_batch_of_new_studies_is_a_few_statements(
     assert len(batch) == 20
     with _statements(engine) as seen, transaction(session_factory) as session:
         apply_notices(session, notices=batch)
-    writes = [s for s in seen if not s.startswith(("BEGIN", "SAVEPOINT"))]
+    statements = [s for s in seen if not s.startswith(("BEGIN", "SAVEPOINT"))]
     # Keys stored? Local ids holding studies? Then one INSERT per table.
-    assert len(writes) <= 6, writes
+    assert len(statements) <= 6, statements
     assert len(studies(session_factory)) == 20
 
 
