@@ -33,6 +33,7 @@ from ingest.hl7_oru import (
     strip_for_journal,
 )
 from locator import journal
+from locator.db import Writes
 from locator.index import apply_notices
 from locator.journal import NewEntry, Outcome, PreviousEntry
 from locator.metrics import MESSAGES
@@ -231,15 +232,18 @@ def commit_decisions(session: Session, decisions: Sequence[Decision]) -> list[st
 
     Few statements per batch: one lookup of earlier entries for every message of the batch,
     the notices of the messages that are not duplicates applied together (apply_notices),
-    one executemany of the journal rows."""
+    and the new studies' and the journal's rows sent together (one round trip on
+    PostgreSQL)."""
     keys = [_key(d) for d in decisions if d.check_duplicate]
     previous = journal.find_previous_many(session, feed=FEED, keys=[k for k in keys if k])
     rows: list[NewEntry] = []
     notices: list[StudyNotice] = []
     acks = [_sort_one(session, d, previous, rows, notices) for d in decisions]
+    writes = Writes()
     if notices:
-        apply_notices(session, notices=notices)
-    journal.record_entries(session, entries=rows)
+        apply_notices(session, notices=notices, writes=writes)
+    journal.add_entries(writes, entries=rows)
+    writes.run(session.connection())
     return acks
 
 

@@ -32,12 +32,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    insert,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from locator.db import group_params, in_groups, pipelined
+from locator.db import Writes, group_params, in_groups
 from locator.models import (
     local_link_table,
     patient_assertion_table,
@@ -688,9 +698,12 @@ def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
 # --------------------------------------------------------------------------- batches
 
 _TrustKey = tuple[str, str, str]  # (trust, kind, value)
+HELD = "held"  # not a key kind: _stored's mark for a local id that holds stored studies
 
 
-def apply_notices(session: Session, *, notices: Sequence[StudyNotice]) -> None:
+def apply_notices(
+    session: Session, *, notices: Sequence[StudyNotice], writes: Writes | None = None
+) -> None:
     """Apply notices in order, to the state apply_notice leaves applying them one by one.
 
     Notices that can only create new studies are written together, a few statements for the
@@ -699,14 +712,20 @@ def apply_notices(session: Session, *, notices: Sequence[StudyNotice]) -> None:
     stored nowhere and named by no other notice of the batch, and its local id holds no stored
     study and is named by no notice that goes the other way. It shares no key, study or local
     id with the rest of the batch, so the order between it and the others changes nothing;
-    every other notice goes, in order, through apply_notice."""
+    every other notice goes, in order, through apply_notice.
+
+    `writes`: the new studies' rows are left there for the caller to send with its own
+    (they are the last statements of the batch); without it they are written here."""
     conn = session.connection()
     fresh = _creating_only(conn, notices)
     for i, notice in enumerate(notices):
         if i not in fresh:
             apply_notice(session, notice=notice)
     if fresh:
-        _create_all(conn, [notices[i] for i in sorted(fresh)])
+        pending = Writes() if writes is None else writes
+        _create_all(conn, [notices[i] for i in sorted(fresh)], pending)
+        if writes is None:
+            pending.run(conn)
 
 
 def _trust_keys(notice: StudyNotice) -> list[_TrustKey]:
@@ -736,40 +755,50 @@ def _creating_only(conn: Connection, notices: Sequence[StudyNotice]) -> set[int]
     candidates = {i for i in candidates if locals_[i] not in others}
     if not candidates:
         return candidates
-    stored = _stored_keys(conn, [key for i in candidates for key in keys[i]])
-    holding = _holding(conn, [local for i in candidates if (local := locals_[i])])
+    stored, holding = _stored(
+        conn,
+        [key for i in candidates for key in keys[i]],
+        [local for i in candidates if (local := locals_[i])],
+    )
     return {i for i in candidates if stored.isdisjoint(keys[i]) and locals_[i] not in holding}
 
 
-@functools.lru_cache(maxsize=64)
-def _stored_keys_stmt(groups: int) -> Any:
-    """Which keys are stored: one (trust, kind, value IN ...) term per trust and kind."""
-    match = in_groups((KEY.c.trust_ods, KEY.c.kind), KEY.c.value, groups)
-    return select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(match)
+@functools.lru_cache(maxsize=256)
+def _stored_stmt(key_groups: int, held_groups: int) -> Any:
+    """Which of the wanted (trust, kind, value) keys are stored and, as (trust, HELD, local id),
+    which of the wanted local ids hold stored patient assertions: one statement, one term
+    per trust and kind."""
+    stored = select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(
+        in_groups((KEY.c.trust_ods, KEY.c.kind), KEY.c.value, key_groups, "k")
+    )
+    if not held_groups:
+        return stored
+    held = (
+        select(ASSERTION.c.trust_ods, literal_column(f"'{HELD}'"), ASSERTION.c.local_id)
+        .where(in_groups((ASSERTION.c.trust_ods,), ASSERTION.c.local_id, held_groups, "h"))
+        .distinct()
+    )
+    return union_all(stored, held)
 
 
-@functools.lru_cache(maxsize=64)
-def _holding_stmt(groups: int) -> Any:
-    """Which (trust, local id) have stored patient assertions, one term per trust."""
-    match = in_groups((ASSERTION.c.trust_ods,), ASSERTION.c.local_id, groups)
-    return select(ASSERTION.c.trust_ods, ASSERTION.c.local_id).where(match).distinct()
+def _stored(
+    conn: Connection, keys: list[_TrustKey], local_ids: list[tuple[str, str]]
+) -> tuple[set[_TrustKey], set[tuple[str, str]]]:
+    """The stored keys among `keys`, and the local ids among `local_ids` that hold studies."""
+    key_groups, params = group_params(keys, "k")
+    held_groups, held_params = group_params(local_ids, "h")
+    rows = conn.execute(_stored_stmt(key_groups, held_groups), params | held_params)
+    stored: set[_TrustKey] = set()
+    holding: set[tuple[str, str]] = set()
+    for trust, kind, value in rows:
+        if kind == HELD:
+            holding.add((trust, value))
+        else:
+            stored.add((trust, kind, value))
+    return stored, holding
 
 
-def _stored_keys(conn: Connection, keys: list[_TrustKey]) -> set[_TrustKey]:
-    groups, params = group_params(keys)
-    rows = conn.execute(_stored_keys_stmt(groups), params)
-    return {(r.trust_ods, r.kind, r.value) for r in rows}
-
-
-def _holding(conn: Connection, local_ids: list[tuple[str, str]]) -> set[tuple[str, str]]:
-    if not local_ids:
-        return set()
-    groups, params = group_params(local_ids)
-    rows = conn.execute(_holding_stmt(groups), params)
-    return {(r.trust_ods, r.local_id) for r in rows}
-
-
-def _create_all(conn: Connection, notices: Sequence[StudyNotice]) -> None:
+def _create_all(conn: Connection, notices: Sequence[StudyNotice], writes: Writes) -> None:
     """Every study of notices that only create: the rows of _record_link and _create, one
     statement per table."""
     links: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -795,12 +824,11 @@ def _create_all(conn: Connection, notices: Sequence[StudyNotice]) -> None:
             studies.append(_new_study(notice, target, facts, _as_assertions(rows), {}))
             keys += _key_rows(notice.trust_ods, target.id, target.new_keys)
             assertions += rows
-    with pipelined(conn):
-        if links:  # kept once, the first notice's time, as _record_link keeps it
-            conn.execute(_upserts(conn.dialect.name)[1], list(links.values()))
-        conn.execute(_INSERT_STUDY, studies)
-        conn.execute(_INSERT_KEY, keys)
-        conn.execute(_INSERT_ASSERTION, assertions)
+    # Links are kept once, the first notice's time, as _record_link keeps them.
+    writes.add(LINK, list(links.values()), skip_existing=True)
+    writes.add(STUDY, studies)
+    writes.add(KEY, keys)
+    writes.add(ASSERTION, assertions)
 
 
 def study_ids_for(

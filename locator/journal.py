@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from locator.db import group_params, in_groups
+from locator.db import Writes, group_params, in_groups
 from locator.models import journal_table
 
 JOURNAL: Table = journal_table
@@ -129,10 +129,9 @@ def record_entry(session: Session, *, entry: NewEntry) -> None:
     session.connection().execute(_INSERT_ENTRY, [_row(entry)])
 
 
-def record_entries(session: Session, *, entries: Sequence[NewEntry]) -> None:
-    """Insert many journal rows in one executemany (a group commit's rows)."""
-    if entries:
-        session.connection().execute(_INSERT_ENTRY, [_row(e) for e in entries])
+def add_entries(writes: Writes, *, entries: Sequence[NewEntry]) -> None:
+    """A group commit's journal rows, sent with its other writes."""
+    writes.add(JOURNAL, [_row(e) for e in entries])
 
 
 MessageKey = tuple[str, str, str]  # (sender application, sender facility, control id)

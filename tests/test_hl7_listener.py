@@ -464,10 +464,10 @@ def test_apply_failure_is_ae_207_for_that_message_only(
 ) -> None:
     real = process_module.apply_notices
 
-    def picky(session: Session, *, notices: Any) -> Any:
+    def picky(session: Session, *, notices: Any, **options: Any) -> Any:
         if any(n.studies[0].accession == "POISON" for n in notices):
             raise ValueError("bad data")
-        return real(session, notices=notices)
+        return real(session, notices=notices, **options)
 
     monkeypatch.setattr(process_module, "apply_notices", picky)
     ack = mllp.send(oru(control="X1", accession="POISON"))
