@@ -590,10 +590,40 @@ def read_oru(
                 patient.nhs_number, patient.local_id, patient.local_namespace, withdrawn=True
             )
         studies = tuple(_read_study(o, d, trust) for o in group.orders)
+        _check_characters(source, patient, studies, group)
         notices.append(
             StudyNotice(trust.ods_code, FeedKind.HL7, source, patient, studies, received_at)
         )
     return tuple(notices)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_characters(
+    source: str, patient: PatientRef, studies: Sequence[StudyRef], group: _PatientGroup
+) -> None:
+    """AE 102 for a control character (a NUL, say, from `\\X00\\`) in anything the index
+    keeps: it has no place in an identifier, and PostgreSQL could not store it."""
+    kept: list[tuple[str | None, str, ErrorLocation]] = [
+        (source, "MSH-3", ErrorLocation("MSH", 1, 3)),
+        (patient.local_id, "PID-3", ErrorLocation("PID", group.sequence, 3)),
+        (patient.local_namespace, "PID-3", ErrorLocation("PID", group.sequence, 3)),
+    ]
+    for study, order in zip(studies, group.orders, strict=True):
+        seq = order.sequence
+        procedure = study.procedure
+        kept += [
+            (study.accession, "the accession number", ErrorLocation("OBR", seq, 18)),
+            (",".join(study.modalities), "OBR-24", ErrorLocation("OBR", seq, 24)),
+            (procedure.code if procedure else None, "OBR-4", ErrorLocation("OBR", seq, 4)),
+            (procedure.display if procedure else None, "OBR-4", ErrorLocation("OBR", seq, 4)),
+        ]
+    for value, what, where in kept:
+        if value and _CONTROL.search(value):
+            raise MessageContentError(
+                ErrorCode.DATA_TYPE_ERROR, f"{what} holds a control character", where
+            )
 
 
 # --------------------------------------------------------------------------- patient

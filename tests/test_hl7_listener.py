@@ -519,3 +519,18 @@ def test_metrics(mllp: ListenerHarness) -> None:
         REGISTRY.get_sample_value("locator_ack_latency_seconds_count", {"feed": "hl7"})
         == acks_before + 1
     )
+
+
+def test_control_character_in_an_identifier_is_ae_102_on_every_backend(
+    mllp: ListenerHarness,
+) -> None:
+    """A NUL (sent raw or as the escape \\X00\\) has no place in an identifier, and
+    PostgreSQL cannot store one: the same AE 102 at the field on both databases, never an
+    internal error, and the next message lands."""
+    for control, accession in (("N1", "A\x00B"), ("N2", "A\\X00\\B"), ("N3", "A\x1bB")):
+        ack = mllp.send(oru(control=control, accession=accession))
+        assert (ack.code, ack.control_id) == ("AE", control)
+        assert str(ack.err()(1)) == "OBR^1^18^102&Data type error&HL70357"
+        assert "control character" in ack.text
+    assert mllp.send(oru(control="N4", accession="FINE")).code == "AA"
+    assert [r.accession for r in mllp.studies()] == ["FINE"]
