@@ -40,6 +40,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -679,6 +680,30 @@ def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
     names, join their facts, record its patient assertions, and derive each touched study's
     patient again."""
     conn = session.connection()
+    _lock_local_ids(conn, [notice])
+    return _apply(conn, notice)
+
+
+_LOCK_LOCAL_IDS = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest(CAST(:keys AS text[])) k"
+)
+
+
+def _lock_local_ids(conn: Connection, notices: Sequence[StudyNotice]) -> None:
+    """PostgreSQL: a transaction-scoped lock per (trust, local id) the notices name, taken in
+    one order before anything is read. Two writers concerning one local id (one creating a
+    study held under it, the other recording the link that lifts the hold) then go one after
+    the other, and the later one sees what the earlier one committed: without it each could
+    miss the other's uncommitted rows and the study would stay held. SQLite has one writer at
+    a time already (BEGIN IMMEDIATE)."""
+    if conn.dialect.name != "postgresql":
+        return
+    keys = sorted({f"{n.trust_ods}/{local}" for n in notices if (local := n.patient.local_id)})
+    if keys:  # unnest keeps the array's order, so every writer locks in the same order
+        conn.execute(_LOCK_LOCAL_IDS, {"keys": keys})
+
+
+def _apply(conn: Connection, notice: StudyNotice) -> AppliedNotice:
     new_link = _record_link(conn, notice, notice.received_at)
     touched: dict[str, None] = {}
     changed = False
@@ -714,13 +739,17 @@ def apply_notices(
     id with the rest of the batch, so the order between it and the others changes nothing;
     every other notice goes, in order, through apply_notice.
 
+    First, on PostgreSQL, the batch's local ids are locked (_lock_local_ids), so a concurrent
+    writer concerning one of them goes before or after the whole batch.
+
     `writes`: the new studies' rows are left there for the caller to send with its own
     (they are the last statements of the batch); without it they are written here."""
     conn = session.connection()
+    _lock_local_ids(conn, notices)
     fresh = _creating_only(conn, notices)
     for i, notice in enumerate(notices):
         if i not in fresh:
-            apply_notice(session, notice=notice)
+            _apply(conn, notice)
     if fresh:
         pending = Writes() if writes is None else writes
         _create_all(conn, [notices[i] for i in sorted(fresh)], pending)

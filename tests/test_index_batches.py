@@ -9,6 +9,8 @@ count the statements, so a batch of new studies really is a few statements.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -181,3 +183,38 @@ def test_a_race_lost_in_a_batch_is_a_conflict_to_retry(
         apply_notices(session, notices=[again])
     [row] = studies(session_factory)
     assert row.nhs_number == NHS_A and row.version == 1
+
+
+@pytest.mark.parametrize("one_by_one", [False, True], ids=["batch", "single"])
+@pytest.mark.parametrize("hold_first", [True, False], ids=["hold-first", "link-first"])
+def test_a_hold_and_the_link_that_lifts_it_never_miss_each_other(
+    session_factory: Factory, one_by_one: bool, hold_first: bool
+) -> None:
+    """Two writers at once (two MLLP committers, or MLLP and MPPS): one creates a study held
+    under a local id, the other records that local id's link to an NHS Number, and the first
+    has not committed when the second starts. The second waits for the first and sees its
+    rows, so the study ends linked; without the wait each misses the other's rows and the
+    study stays held."""
+    held = notice(StudyRef(study_uid="1.2.50", accession="H1"), local="L9")
+    link = notice(StudyRef(study_uid="1.2.51", accession="H2"), nhs=NHS_A, local="L9")
+    early, late = (held, link) if hold_first else (link, held)
+    started = threading.Event()
+
+    def first() -> None:
+        with transaction(session_factory) as session:
+            apply_notices(session, notices=[early])
+            started.set()
+            time.sleep(0.5)  # the other writer starts now, before this commits
+
+    writer = threading.Thread(target=first)
+    writer.start()
+    assert started.wait(10)
+    with transaction(session_factory) as session:
+        if one_by_one:
+            apply_notice(session, notice=late)
+        else:
+            apply_notices(session, notices=[late])
+    writer.join()
+    rows = {r.accession: r for r in studies(session_factory)}
+    assert rows["H1"].nhs_number == NHS_A, rows["H1"].patient_state
+    assert rows["H2"].nhs_number == NHS_A
