@@ -34,7 +34,7 @@ from ingest.hl7_oru import (
 )
 from locator import journal
 from locator.db import Writes
-from locator.index import apply_notices
+from locator.index import apply_notices, lock_local_ids
 from locator.journal import NewEntry, Outcome, PreviousEntry
 from locator.metrics import MESSAGES
 from locator.notice import StudyNotice
@@ -230,10 +230,11 @@ def internal_error(text: str, exc: Exception) -> Hl7Error:
 def commit_decisions(session: Session, decisions: Sequence[Decision]) -> list[str]:
     """Apply and journal each decision in the caller's transaction; the ACK of each.
 
-    Few statements per batch: one lookup of earlier entries for every message of the batch,
-    the notices of the messages that are not duplicates applied together (apply_notices),
-    and the new studies' and the journal's rows sent together (one round trip on
-    PostgreSQL)."""
+    Few statements per batch: the batch's local ids locked (PostgreSQL; riding with the
+    BEGIN), one lookup of earlier entries for every message of the batch, the notices of
+    the messages that are not duplicates applied together (apply_notices), and the new
+    studies' and the journal's rows sent together (one round trip on PostgreSQL)."""
+    lock_local_ids(session, notices=[n for d in decisions for n in d.notices])
     keys = [_key(d) for d in decisions if d.check_duplicate]
     previous = journal.find_previous_many(session, feed=FEED, keys=[k for k in keys if k])
     rows: list[NewEntry] = []
@@ -241,7 +242,7 @@ def commit_decisions(session: Session, decisions: Sequence[Decision]) -> list[st
     acks = [_sort_one(session, d, previous, rows, notices) for d in decisions]
     writes = Writes()
     if notices:
-        apply_notices(session, notices=notices, writes=writes)
+        apply_notices(session, notices=notices, writes=writes, locked=True)
     journal.add_entries(writes, entries=rows)
     writes.run(session.connection())
     return acks

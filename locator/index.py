@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from locator.db import Writes, group_params, in_groups
+from locator.db import Writes, group_params, in_groups, pipelined
 from locator.models import (
     local_link_table,
     patient_assertion_table,
@@ -680,7 +680,7 @@ def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
     names, join their facts, record its patient assertions, and derive each touched study's
     patient again."""
     conn = session.connection()
-    _lock_local_ids(conn, [notice])
+    lock_local_ids(session, notices=[notice])
     return _apply(conn, notice)
 
 
@@ -689,18 +689,21 @@ _LOCK_LOCAL_IDS = text(
 )
 
 
-def _lock_local_ids(conn: Connection, notices: Sequence[StudyNotice]) -> None:
+def lock_local_ids(session: Session, *, notices: Sequence[StudyNotice]) -> None:
     """PostgreSQL: a transaction-scoped lock per (trust, local id) the notices name, taken in
-    one order before anything is read. Two writers concerning one local id (one creating a
+    one order before the index is read. Two writers concerning one local id (one creating a
     study held under it, the other recording the link that lifts the hold) then go one after
     the other, and the later one sees what the earlier one committed: without it each could
-    miss the other's uncommitted rows and the study would stay held. SQLite has one writer at
-    a time already (BEGIN IMMEDIATE)."""
+    miss the other's uncommitted rows and the study would stay held. Sent pipelined, so as the
+    first statement of a transaction it shares the BEGIN's round trip. SQLite has one writer
+    at a time already (BEGIN IMMEDIATE)."""
+    conn = session.connection()
     if conn.dialect.name != "postgresql":
         return
     keys = sorted({f"{n.trust_ods}/{local}" for n in notices if (local := n.patient.local_id)})
     if keys:  # unnest keeps the array's order, so every writer locks in the same order
-        conn.execute(_LOCK_LOCAL_IDS, {"keys": keys})
+        with pipelined(conn):
+            conn.execute(_LOCK_LOCAL_IDS, {"keys": keys})
 
 
 def _apply(conn: Connection, notice: StudyNotice) -> AppliedNotice:
@@ -727,7 +730,11 @@ HELD = "held"  # not a key kind: _stored's mark for a local id that holds stored
 
 
 def apply_notices(
-    session: Session, *, notices: Sequence[StudyNotice], writes: Writes | None = None
+    session: Session,
+    *,
+    notices: Sequence[StudyNotice],
+    writes: Writes | None = None,
+    locked: bool = False,
 ) -> None:
     """Apply notices in order, to the state apply_notice leaves applying them one by one.
 
@@ -739,13 +746,15 @@ def apply_notices(
     id with the rest of the batch, so the order between it and the others changes nothing;
     every other notice goes, in order, through apply_notice.
 
-    First, on PostgreSQL, the batch's local ids are locked (_lock_local_ids), so a concurrent
-    writer concerning one of them goes before or after the whole batch.
+    First, on PostgreSQL, the batch's local ids are locked (lock_local_ids; `locked`: the
+    caller has done so in this transaction), so a concurrent writer concerning one of them
+    goes before or after the whole batch.
 
     `writes`: the new studies' rows are left there for the caller to send with its own
     (they are the last statements of the batch); without it they are written here."""
     conn = session.connection()
-    _lock_local_ids(conn, notices)
+    if not locked:
+        lock_local_ids(session, notices=notices)
     fresh = _creating_only(conn, notices)
     for i, notice in enumerate(notices):
         if i not in fresh:
