@@ -837,8 +837,8 @@ def _stored(
 
 
 def _create_all(conn: Connection, notices: Sequence[StudyNotice], writes: Writes) -> None:
-    """Every study of notices that only create: the rows of _record_link and _create, one
-    statement per table."""
+    """Every study of notices that only create: the rows of _record_link and _create, left in
+    `writes` (on PostgreSQL one statement for all of them, with the journal's rows)."""
     links: dict[tuple[str, str, str], dict[str, Any]] = {}
     studies, keys, assertions = [], [], []
     for notice in notices:
