@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from locator.db import Writes, group_params, in_groups
@@ -119,14 +119,6 @@ def _row(entry: NewEntry) -> dict[str, Any]:
         if isinstance(row[key], str):
             row[key] = row[key][:limit]
     return row
-
-
-_INSERT_ENTRY = insert(JOURNAL)
-
-
-def record_entry(session: Session, *, entry: NewEntry) -> None:
-    """Insert one journal row (one statement)."""
-    session.connection().execute(_INSERT_ENTRY, [_row(entry)])
 
 
 def add_entries(writes: Writes, *, entries: Sequence[NewEntry]) -> None:
