@@ -13,15 +13,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, String, cast, event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator import index as index_module
-from locator.db import is_conflict, transaction
+from locator.db import Writes, is_conflict, transaction
 from locator.index import PatientState, apply_notice, apply_notices
+from locator.models import local_link_table
 from locator.notice import ReportStatus, StudyNotice, StudyRef
 from locator.trusts import store_trusts
 from tests.bench.datagen import Generator, make_trusts, notices_of
@@ -218,3 +221,32 @@ def test_a_hold_and_the_link_that_lifts_it_never_miss_each_other(
     rows = {r.accession: r for r in studies(session_factory)}
     assert rows["H1"].nhs_number == NHS_A, rows["H1"].patient_state
     assert rows["H2"].nhs_number == NHS_A
+
+
+def test_batch_rows_are_stored_as_sqlalchemy_stores_them(engine: Engine) -> None:
+    """Writes (the driver's executemany on SQLite, one JSON parameter on PostgreSQL) stores
+    what SQLAlchemy's own INSERT stores, down to the text of a time on SQLite, which the
+    index compares as text: whole seconds, microseconds, another zone, a summer time."""
+    times = [
+        datetime(2026, 1, 5, 9, 0, tzinfo=UTC),
+        datetime(2026, 3, 29, 0, 30, 0, 1, tzinfo=UTC),
+        datetime(2026, 7, 1, 12, 15, 30, 250000, tzinfo=ZoneInfo("Europe/London")),
+        datetime(2026, 10, 25, 1, 30, 5, 123, tzinfo=timezone(timedelta(hours=-5))),
+    ]
+    with engine.begin() as conn:
+        for i, t in enumerate(times):
+            row = {"trust_ods": "RRK", "nhs_number": NHS_A, "first_seen": t}
+            conn.execute(insert(local_link_table), row | {"local_id": f"S{i}"})
+            writes = Writes()
+            writes.add(local_link_table, [row | {"local_id": f"W{i}"}], skip_existing=True)
+            writes.add(local_link_table, [row | {"local_id": f"W{i}"}], skip_existing=True)
+            writes.run(conn)
+    c = local_link_table.c
+    text = cast(c.first_seen, String).label("text")
+    with engine.connect() as conn:
+        rows = conn.execute(select(c.local_id, text, c.first_seen))
+        by_id = {r.local_id: r for r in rows}
+    assert len(by_id) == 2 * len(times)  # skip_existing left the second copy out
+    for i, t in enumerate(times):
+        assert by_id[f"W{i}"].text == by_id[f"S{i}"].text
+        assert by_id[f"W{i}"].first_seen == t
