@@ -20,6 +20,7 @@ Field map (reference/feeds.md §1; interface.md, Feeds and Identity rules):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -900,8 +901,10 @@ def report_hash(order: _OrderGroup, d: Delimiters) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=32)
 def content_digest(text: str) -> str:
-    """The stand-in the journal keeps for a removed value; a stand-in maps to itself."""
+    """The stand-in the journal keeps for a removed value; a stand-in maps to itself.
+    (Cached for a message's few values: report_hash and strip_for_journal both ask.)"""
     if text.startswith(REDACTED_PREFIX):
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -938,19 +941,26 @@ KEPT_Z_SEGMENTS = frozenset({"ZDS"})
 DIGESTED_FIELDS = {"OBR": (13, 31), "NTE": (3,)}
 
 
-def strip_for_journal(text: str) -> str:
-    """The message as the journal keeps it: no report text, no demographics."""
+def strip_for_journal(text: str, message: Hl7Message | None = None) -> str:
+    """The message as the journal keeps it: no report text, no demographics. `message`:
+    `text` as parse_message read it (its segments are used, not split again)."""
+    if message is not None:
+        return _strip_segments(message.segments, message.header.delimiters)
     lines = _split_segments(text)
-    d: Delimiters | None = None
     try:
-        d = _delimiters(_msh_fields(lines[0])) if lines else None
+        msh = _msh_fields(lines[0]) if lines else []
+        d = _delimiters(msh) if msh else None
     except MessageContentError:
         d = None
     if d is None:
         return f"[not an HL7 message: {len(text)} characters, content not kept]"
-    kept = [lines[0]]
-    for line in lines[1:]:
-        fields = line.split(d.field)
+    return _strip_segments([msh] + [line.split(d.field) for line in lines[1:]], d)
+
+
+def _strip_segments(segments: Sequence[list[str]], d: Delimiters) -> str:
+    """MSH as it came (`["MSH", separator, MSH-2, ...]`), then each segment stripped."""
+    kept = [d.field.join(["MSH", *segments[0][2:]])]
+    for fields in segments[1:]:
         name = fields[0].strip().upper()
         if name in DROPPED_SEGMENTS or (name.startswith("Z") and name not in KEPT_Z_SEGMENTS):
             continue

@@ -157,18 +157,13 @@ def decide_message(
 ) -> Decision:
     """Read one message and decide its outcome and ACK (pure; never raises)."""
     text = decode_message(payload) if isinstance(payload, bytes) else payload
-    try:
-        stored = strip_for_journal(text[:JOURNAL_COPY_MAX_CHARS] if oversize else text)
-    except Exception:  # the journal copy must never cost the sender its ACK
-        log.exception("stripping a message for the journal failed")
-        stored = UNSTORABLE
     base = Decision(
         received_at,
         sha256,
         size,
         Outcome.ACCEPTED,
         "",
-        stored,
+        UNSTORABLE,
         truncated=oversize,
         peer=binding.peer_address,
         codec=_codec(payload),
@@ -190,13 +185,21 @@ def decide_message(
             message, trust=trust, accept_test_numbers=accept_test_numbers, received_at=received_at
         )
     except Hl7Error as error:
-        return _refuse(base, error)
+        _refuse(base, error)
     except Exception as exc:  # any reader failure is answered (AE 207), never silence
         log.exception(
             "HL7 reader failed on control id %s", message.header.control_id if message else "?"
         )
-        return _refuse(base, internal_error(text, exc))
-    base.ack = build_ack(base.header)
+        _refuse(base, internal_error(text, exc))
+    else:
+        base.ack = build_ack(base.header)
+    try:  # the message as parsed (split once), or its first characters when oversize
+        if oversize:
+            base.stored_text = strip_for_journal(text[:JOURNAL_COPY_MAX_CHARS])
+        else:
+            base.stored_text = strip_for_journal(text, message)
+    except Exception:  # the journal copy must never cost the sender its ACK
+        log.exception("stripping a message for the journal failed")
     return base
 
 
