@@ -11,8 +11,10 @@ NE/ER/SU are not honoured (a documented deviation: a sender always learns the ou
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -67,12 +69,18 @@ def escape(text: str, d: Delimiters) -> str:
 
 
 def hl7_timestamp(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
+    return _hl7_second(int(now.timestamp()))
+
+
+@functools.lru_cache(maxsize=4)
+def _hl7_second(second: int) -> str:
+    """A second's HL7 timestamp (UTC): an ACK's MSH-7, formatted once a second."""
+    return datetime.fromtimestamp(second, UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
 def next_ack_control_id() -> str:
     """Unique within this process and across restarts (time-based), at most 20 characters."""
-    return f"{_ACK_PREFIX}{int(datetime.now(UTC).timestamp()):x}{next(_ACK_IDS):x}"[:20]
+    return f"{_ACK_PREFIX}{int(time.time()):x}{next(_ACK_IDS):x}"[:20]
 
 
 def build_ack(

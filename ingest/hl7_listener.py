@@ -267,7 +267,8 @@ class MllpListener:
         idle = self.settings.mllp_idle_timeout_seconds
         while not self.stopping:
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), idle)
+                async with asyncio.timeout(idle):
+                    data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 log.info("MLLP connection from %s idle for %.0f s: closed", conn.peer, idle)
                 return
