@@ -33,8 +33,8 @@ from ingest.hl7_oru import (
     strip_for_journal,
 )
 from locator import journal
-from locator.db import Writes
-from locator.index import apply_notices, lock_local_ids
+from locator.db import Reads, Writes
+from locator.index import apply_notices, lock_local_ids, look_up_stored
 from locator.journal import NewEntry, Outcome, PreviousEntry
 from locator.metrics import MESSAGES
 from locator.notice import StudyNotice
@@ -233,19 +233,25 @@ def internal_error(text: str, exc: Exception) -> Hl7Error:
 def commit_decisions(session: Session, decisions: Sequence[Decision]) -> list[str]:
     """Apply and journal each decision in the caller's transaction; the ACK of each.
 
-    Few statements per batch: the batch's local ids locked (PostgreSQL; riding with the
-    BEGIN), one lookup of earlier entries for every message of the batch, the notices of
-    the messages that are not duplicates applied together (apply_notices), and the new
-    studies' and the journal's rows sent together (one round trip on PostgreSQL)."""
-    lock_local_ids(session, notices=[n for d in decisions for n in d.notices])
+    Few statements per batch: first, together (one round trip on PostgreSQL, with the
+    BEGIN), the batch's local ids locked (PostgreSQL), earlier entries looked up for every
+    message and the stored keys of its notices; then the notices of the messages that are
+    not duplicates applied together (apply_notices), and the new studies' and the journal's
+    rows sent together (one round trip on PostgreSQL)."""
+    everything = [n for d in decisions for n in d.notices]
+    reads = Reads(session.connection())
+    lock_local_ids(reads, notices=everything)
     keys = [_key(d) for d in decisions if d.check_duplicate]
-    previous = journal.find_previous_many(session, feed=FEED, keys=[k for k in keys if k])
+    found = journal.look_up_previous(reads, feed=FEED, keys=[k for k in keys if k])
+    stored = look_up_stored(reads, notices=everything)  # duplicates' too: the answer covers more
+    reads.run()
+    previous = found()
     rows: list[NewEntry] = []
     notices: list[StudyNotice] = []
     acks = [_sort_one(session, d, previous, rows, notices) for d in decisions]
     writes = Writes()
     if notices:
-        apply_notices(session, notices=notices, writes=writes, locked=True)
+        apply_notices(session, notices=notices, writes=writes, stored=stored)
     journal.add_entries(writes, entries=rows)
     writes.run(session.connection())
     return acks

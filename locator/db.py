@@ -17,16 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
     Executable,
     Table,
-    and_,
-    bindparam,
     create_engine,
     event,
-    or_,
     text,
 )
 from sqlalchemy.engine import Dialect, make_url
@@ -96,35 +92,61 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def in_groups(
-    prefix: Sequence[Any], value: Any, groups: int, name: str = ""
-) -> ColumnElement[bool]:
-    """`(prefix = :g<i>_<j> ... AND value IN :v<i>) OR ...` for `groups` groups, the parameters
-    of group_params (their names begin with `name`): an index search on SQLite and PostgreSQL
-    alike, where a row-value IN of several rows makes SQLite scan the table. Build it once per
-    number of groups (building a statement costs more than running it)."""
-    return or_(
-        *(
-            and_(
-                *(column == bindparam(f"{name}g{i}_{j}") for j, column in enumerate(prefix)),
-                value.in_(bindparam(f"{name}v{i}", expanding=True)),
-            )
-            for i in range(groups)
-        )
-    )
-
-
-def group_params(rows: Iterable[tuple[Any, ...]], name: str = "") -> tuple[int, dict[str, Any]]:
-    """Rows `(prefix..., value)` grouped by prefix: the number of groups and in_groups'
-    parameters."""
+def in_groups(prefix: Sequence[str], value: str, rows: Iterable[tuple[Any, ...]]) -> Query:
+    """`(prefix = ? AND ... AND value IN (?, ...)) OR ...`, one term per distinct prefix of
+    `rows` (`(prefix..., value)`), for Reads: an index search on SQLite and PostgreSQL alike,
+    where a row-value IN of several rows makes SQLite scan the table."""
     groups: dict[tuple[Any, ...], set[Any]] = {}
-    for *prefix, value in rows:
-        groups.setdefault(tuple(prefix), set()).add(value)
-    params: dict[str, Any] = {}
-    for i, (group, values) in enumerate(sorted(groups.items())):
-        params |= {f"{name}g{i}_{j}": part for j, part in enumerate(group)}
-        params[f"{name}v{i}"] = sorted(values)
-    return len(groups), params
+    for *group, item in rows:
+        groups.setdefault(tuple(group), set()).add(item)
+    terms, params = [], []
+    for group, items in sorted(groups.items()):
+        equal = "".join(f"{column} = ? AND " for column in prefix)
+        terms.append(f"({equal}{value} IN ({', '.join('?' * len(items))}))")
+        params += [*group, *sorted(items)]
+    return " OR ".join(terms), params
+
+
+Query = tuple[str, list[Any]]  # SQL for the driver, `?` marking each parameter; parameters
+
+
+class Reads:
+    """The statements a unit of work sends before it writes (its locks and look-ups), sent
+    together: on PostgreSQL one round trip for all of them and the transaction's BEGIN
+    (psycopg's pipeline, each statement unprepared so it is planned for its values); on
+    SQLite each in turn. They run on the driver's connection, skipping SQLAlchemy's
+    statement machinery (its cost per statement was more than the statement's); errors are
+    raised as SQLAlchemy's."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.postgres = conn.dialect.name == "postgresql"
+        self._queries: list[Query] = []
+        self._rows: list[list[tuple[Any, ...]]] = []
+
+    def add(self, query: Query) -> Callable[[], list[tuple[Any, ...]]]:
+        """Queue a statement; the function returned gives its rows once `run` has run."""
+        sql, params = query
+        assert "%" not in sql, "no literal % in a Reads statement (psycopg's marker)"
+        self._queries.append((sql.replace("?", "%s") if self.postgres else sql, params))
+        index = len(self._queries) - 1
+        return lambda: self._rows[index]
+
+    def run(self) -> None:
+        if not self._queries:
+            return
+        raw = self.conn.connection.driver_connection
+        assert raw is not None, "a live connection"
+        if self.postgres:
+            with pipelined(self.conn):
+                cursors = [raw.cursor() for _ in self._queries]
+                for cursor, (sql, params) in zip(cursors, self._queries, strict=True):
+                    cursor.execute(sql, params, prepare=False)
+            self._rows = [cursor.fetchall() for cursor in cursors]  # all in, once synced
+            return
+        with driver_errors(self.conn):
+            cursor = raw.cursor()
+            self._rows = [cursor.execute(sql, params).fetchall() for sql, params in self._queries]
 
 
 @contextmanager

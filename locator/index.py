@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,18 +37,15 @@ from sqlalchemy import (
     and_,
     bindparam,
     insert,
-    literal_column,
     or_,
     select,
-    text,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from locator.db import Writes, group_params, in_groups, pipelined
+from locator.db import Reads, Writes, in_groups
 from locator.models import (
     local_link_table,
     patient_assertion_table,
@@ -680,30 +677,30 @@ def apply_notice(session: Session, *, notice: StudyNotice) -> AppliedNotice:
     names, join their facts, record its patient assertions, and derive each touched study's
     patient again."""
     conn = session.connection()
-    lock_local_ids(session, notices=[notice])
+    reads = Reads(conn)
+    lock_local_ids(reads, notices=[notice])
+    reads.run()
     return _apply(conn, notice)
 
 
-_LOCK_LOCAL_IDS = text(
-    "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest(CAST(:keys AS text[])) k"
-)
-
-
-def lock_local_ids(session: Session, *, notices: Sequence[StudyNotice]) -> None:
+def lock_local_ids(reads: Reads, *, notices: Sequence[StudyNotice]) -> None:
     """PostgreSQL: a transaction-scoped lock per (trust, local id) the notices name, taken in
-    one order before the index is read. Two writers concerning one local id (one creating a
-    study held under it, the other recording the link that lifts the hold) then go one after
-    the other, and the later one sees what the earlier one committed: without it each could
-    miss the other's uncommitted rows and the study would stay held. Sent pipelined, so as the
-    first statement of a transaction it shares the BEGIN's round trip. SQLite has one writer
-    at a time already (BEGIN IMMEDIATE)."""
-    conn = session.connection()
-    if conn.dialect.name != "postgresql":
+    one order before the index is read (the first of `reads`). Two writers concerning one
+    local id (one creating a study held under it, the other recording the link that lifts the
+    hold) then go one after the other, and the later one sees what the earlier one committed:
+    without it each could miss the other's uncommitted rows and the study would stay held.
+    SQLite has one writer at a time already (BEGIN IMMEDIATE)."""
+    if not reads.postgres:
         return
     keys = sorted({f"{n.trust_ods}/{local}" for n in notices if (local := n.patient.local_id)})
     if keys:  # unnest keeps the array's order, so every writer locks in the same order
-        with pipelined(conn):
-            conn.execute(_LOCK_LOCAL_IDS, {"keys": keys})
+        reads.add(
+            (
+                "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) "
+                "FROM unnest(CAST(? AS text[])) k",
+                [keys],
+            )
+        )
 
 
 def _apply(conn: Connection, notice: StudyNotice) -> AppliedNotice:
@@ -734,7 +731,7 @@ def apply_notices(
     *,
     notices: Sequence[StudyNotice],
     writes: Writes | None = None,
-    locked: bool = False,
+    stored: Callable[[], Stored] | None = None,
 ) -> None:
     """Apply notices in order, to the state apply_notice leaves applying them one by one.
 
@@ -746,16 +743,20 @@ def apply_notices(
     id with the rest of the batch, so the order between it and the others changes nothing;
     every other notice goes, in order, through apply_notice.
 
-    First, on PostgreSQL, the batch's local ids are locked (lock_local_ids; `locked`: the
-    caller has done so in this transaction), so a concurrent writer concerning one of them
-    goes before or after the whole batch.
+    First, on PostgreSQL, the batch's local ids are locked (lock_local_ids), so a concurrent
+    writer concerning one of them goes before or after the whole batch, and what is stored
+    of the batch's keys is looked up (look_up_stored). `stored`: the caller has done both in
+    this transaction, for these notices or more, and this gives the look-up's answer.
 
     `writes`: the new studies' rows are left there for the caller to send with its own
     (they are the last statements of the batch); without it they are written here."""
     conn = session.connection()
-    if not locked:
-        lock_local_ids(session, notices=notices)
-    fresh = _creating_only(conn, notices)
+    if stored is None:
+        reads = Reads(conn)
+        lock_local_ids(reads, notices=notices)
+        stored = look_up_stored(reads, notices=notices)
+        reads.run()
+    fresh = _creating_only(notices, stored())
     for i, notice in enumerate(notices):
         if i not in fresh:
             _apply(conn, notice)
@@ -775,65 +776,71 @@ def _local(notice: StudyNotice) -> tuple[str, str] | None:
     return (notice.trust_ods, local) if local else None
 
 
-def _creating_only(conn: Connection, notices: Sequence[StudyNotice]) -> set[int]:
-    """The notices of the batch that create new studies and touch nothing else."""
+def _may_create(n: StudyNotice) -> bool:
+    """What a notice needs, on its own, to be written with the new studies of its batch."""
+    return bool(
+        n.patient.nhs_number
+        and not n.patient.withdrawn
+        and n.studies
+        and all(ref.study_uid or ref.accession for ref in n.studies)
+    )
+
+
+Stored = tuple[set[_TrustKey], set[tuple[str, str]]]  # stored keys; local ids holding studies
+
+
+def look_up_stored(reads: Reads, *, notices: Sequence[StudyNotice]) -> Callable[[], Stored]:
+    """Which keys of the notices that may only create studies are stored already, and which
+    of their local ids hold stored patient assertions (as `(trust, HELD, local id)`): one
+    statement added to `reads`, one term per trust and kind; the function returned reads its
+    answer once they have run."""
+    creating = [n for n in notices if _may_create(n)]
+    keys = [key for n in creating for key in _trust_keys(n)]
+    local_ids = [local for n in creating if (local := _local(n))]
+    if not keys:
+        return lambda: (set(), set())
+    match, params = in_groups(("trust_ods", "kind"), "value", keys)
+    sql = f"SELECT trust_ods, kind, value FROM {KEY.name} WHERE {match}"
+    if local_ids:
+        held, held_params = in_groups(("trust_ods",), "local_id", local_ids)
+        sql += (
+            f" UNION ALL SELECT DISTINCT trust_ods, '{HELD}', local_id "
+            f"FROM {ASSERTION.name} WHERE {held}"
+        )
+        params += held_params
+    rows = reads.add((sql, params))
+
+    def found() -> Stored:
+        stored: set[_TrustKey] = set()
+        holding: set[tuple[str, str]] = set()
+        for trust, kind, value in rows():
+            if kind == HELD:
+                holding.add((trust, value))
+            else:
+                stored.add((trust, kind, value))
+        return stored, holding
+
+    return found
+
+
+def _creating_only(notices: Sequence[StudyNotice], known: Stored) -> set[int]:
+    """The notices of the batch that create new studies and touch nothing else (`known`:
+    look_up_stored's answer for these notices or more)."""
     keys = [_trust_keys(n) for n in notices]
     locals_ = [_local(n) for n in notices]
     named = Counter(key for ks in keys for key in ks)
     candidates = {
         i
         for i, n in enumerate(notices)
-        if n.patient.nhs_number
-        and not n.patient.withdrawn
-        and n.studies
-        and all(ref.study_uid or ref.accession for ref in n.studies)
-        and all(named[key] == 1 for key in keys[i])
+        if _may_create(n) and all(named[key] == 1 for key in keys[i])
     }
     others = {locals_[i] for i in range(len(notices)) if i not in candidates} - {None}
-    candidates = {i for i in candidates if locals_[i] not in others}
-    if not candidates:
-        return candidates
-    stored, holding = _stored(
-        conn,
-        [key for i in candidates for key in keys[i]],
-        [local for i in candidates if (local := locals_[i])],
-    )
-    return {i for i in candidates if stored.isdisjoint(keys[i]) and locals_[i] not in holding}
-
-
-@functools.lru_cache(maxsize=256)
-def _stored_stmt(key_groups: int, held_groups: int) -> Any:
-    """Which of the wanted (trust, kind, value) keys are stored and, as (trust, HELD, local id),
-    which of the wanted local ids hold stored patient assertions: one statement, one term
-    per trust and kind."""
-    stored = select(KEY.c.trust_ods, KEY.c.kind, KEY.c.value).where(
-        in_groups((KEY.c.trust_ods, KEY.c.kind), KEY.c.value, key_groups, "k")
-    )
-    if not held_groups:
-        return stored
-    held = (
-        select(ASSERTION.c.trust_ods, literal_column(f"'{HELD}'"), ASSERTION.c.local_id)
-        .where(in_groups((ASSERTION.c.trust_ods,), ASSERTION.c.local_id, held_groups, "h"))
-        .distinct()
-    )
-    return union_all(stored, held)
-
-
-def _stored(
-    conn: Connection, keys: list[_TrustKey], local_ids: list[tuple[str, str]]
-) -> tuple[set[_TrustKey], set[tuple[str, str]]]:
-    """The stored keys among `keys`, and the local ids among `local_ids` that hold studies."""
-    key_groups, params = group_params(keys, "k")
-    held_groups, held_params = group_params(local_ids, "h")
-    rows = conn.execute(_stored_stmt(key_groups, held_groups), params | held_params)
-    stored: set[_TrustKey] = set()
-    holding: set[tuple[str, str]] = set()
-    for trust, kind, value in rows:
-        if kind == HELD:
-            holding.add((trust, value))
-        else:
-            stored.add((trust, kind, value))
-    return stored, holding
+    stored, holding = known
+    return {
+        i
+        for i in candidates
+        if locals_[i] not in others and stored.isdisjoint(keys[i]) and locals_[i] not in holding
+    }
 
 
 def _create_all(conn: Connection, notices: Sequence[StudyNotice], writes: Writes) -> None:

@@ -11,17 +11,16 @@ idempotency (a previous message with the same sender, facility and control id), 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from locator.db import Writes, group_params, in_groups
+from locator.db import Reads, Writes, in_groups
 from locator.models import journal_table
 
 JOURNAL: Table = journal_table
@@ -129,39 +128,45 @@ def add_entries(writes: Writes, *, entries: Sequence[NewEntry]) -> None:
 MessageKey = tuple[str, str, str]  # (sender application, sender facility, control id)
 
 
-@functools.lru_cache(maxsize=64)
-def _previous_stmt(senders: int) -> Any:
-    """Earlier entries: one (sender, facility, control id IN ...) term per sender."""
-    c = JOURNAL.c
-    columns = (
-        c.id,
-        c.sender_app,
-        c.sender_facility,
-        c.control_id,
-        c.sha256,
-        c.outcome,
-        c.ack,
-        c.reason,
+def look_up_previous(
+    reads: Reads, *, feed: str, keys: Sequence[MessageKey]
+) -> Callable[[], dict[MessageKey, list[PreviousEntry]]]:
+    """Earlier entries for each (sender, facility, control id), newest first: one statement
+    added to `reads`; the function returned reads its answer once they have run."""
+    if not keys:
+        return dict  # nothing to look up: no entries
+    match, params = in_groups(
+        ("sender_app", "sender_facility"),
+        "control_id",
+        ((a[:200], f[:200], c[:200]) for a, f, c in keys),
     )
-    match = in_groups((c.sender_app, c.sender_facility), c.control_id, senders)
-    return select(*columns).where(match, c.feed == bindparam("feed")).order_by(c.id.desc())
+    rows = reads.add(
+        (
+            "SELECT id, sender_app, sender_facility, control_id, sha256, outcome, ack, reason "
+            f"FROM {JOURNAL.name} WHERE ({match}) AND feed = ? ORDER BY id DESC",
+            [*params, feed],
+        )
+    )
+
+    def found() -> dict[MessageKey, list[PreviousEntry]]:
+        entries: dict[MessageKey, list[PreviousEntry]] = {}
+        for id_, app, facility, control, sha256, outcome, ack, reason in rows():
+            entries.setdefault((app, facility, control), []).append(
+                PreviousEntry(id_, sha256, Outcome(outcome), ack, reason)
+            )
+        return entries
+
+    return found
 
 
 def find_previous_many(
     session: Session, *, feed: str, keys: Sequence[MessageKey]
 ) -> dict[MessageKey, list[PreviousEntry]]:
     """Earlier entries for each (sender, facility, control id), newest first; one query."""
-    if not keys:
-        return {}
-    senders, params = group_params((a[:200], f[:200], c[:200]) for a, f, c in keys)
-    statement = _previous_stmt(senders)
-    rows = session.connection().execute(statement, params | {"feed": feed}).all()
-    found: dict[MessageKey, list[PreviousEntry]] = {}
-    for r in rows:
-        found.setdefault((r.sender_app, r.sender_facility, r.control_id), []).append(
-            PreviousEntry(r.id, r.sha256, Outcome(r.outcome), r.ack, r.reason)
-        )
-    return found
+    reads = Reads(session.connection())
+    found = look_up_previous(reads, feed=feed, keys=keys)
+    reads.run()
+    return found()
 
 
 def find_previous(

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 import ingest.hl7_process as process_module
@@ -145,19 +144,17 @@ def test_duplicate_lookup_searches_the_index(tmp_path: Path) -> None:
     index search as the journal grows (SQLite scans on a multi-row row-value IN)."""
     engine = create_db_engine(f"sqlite:///{tmp_path / 'plan.db'}")
     migrate.upgrade(engine)
-    captured: list[tuple[str, Any]] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_a: Any) -> None:
-        if "FROM journal" in statement:
-            captured.append((statement, params))
-
-    event.listen(engine, "before_cursor_execute", capture)
+    captured: list[str] = []  # as SQLite ran them, parameters in place
     keys = [("CRIS", "RZZ01", "A"), ("CRIS", "RZZ01", "B"), ("RADIS", "RZZ02", "C")]
     with Session(engine) as session:
+        raw = session.connection().connection.driver_connection
+        raw.set_trace_callback(captured.append)
         assert find_previous_many(session, feed="hl7", keys=keys) == {}
-    statement, params = captured[0]
+        raw.set_trace_callback(None)
+    [statement] = [s for s in captured if "FROM journal" in s]
+    assert "'RADIS'" in statement
     with engine.connect() as conn:
-        plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+        plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement).all()
     details = " ".join(str(row[-1]) for row in plan)
     assert "SCAN journal" not in details
     assert "ix_journal_sender_app_sender_facility_control_id" in details

@@ -177,7 +177,8 @@ def test_a_race_lost_in_a_batch_is_a_conflict_to_retry(
     with transaction(session_factory) as session:
         apply_notices(session, notices=[first])
     again = notice(StudyRef(study_uid="1.2.7", accession="A7"), nhs=NHS_A, source="hl7:RIS2")
-    monkeypatch.setattr(index_module, "_stored", lambda conn, keys, local_ids: (set(), set()))
+    missed = lambda: (set(), set())  # noqa: E731
+    monkeypatch.setattr(index_module, "look_up_stored", lambda reads, notices: missed)
     with pytest.raises(Exception) as raised, transaction(session_factory) as session:
         apply_notices(session, notices=[again])
     assert is_conflict(raised.value), raised.value
