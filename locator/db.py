@@ -97,8 +97,8 @@ def in_groups(prefix: Sequence[str], value: str, rows: Iterable[tuple[Any, ...]]
     `rows` (`(prefix..., value)`), for Reads: an index search on SQLite and PostgreSQL alike,
     where a row-value IN of several rows makes SQLite scan the table."""
     groups: dict[tuple[Any, ...], set[Any]] = {}
-    for *group, item in rows:
-        groups.setdefault(tuple(group), set()).add(item)
+    for *prefix_values, item in rows:
+        groups.setdefault(tuple(prefix_values), set()).add(item)
     terms, params = [], []
     for group, items in sorted(groups.items()):
         equal = "".join(f"{column} = ? AND " for column in prefix)
