@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,41 @@ def machine() -> dict[str, Any]:
 
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+_ECHO = "import os\nwhile (b := os.read(0, 1)):\n    os.write(1, b)\n"
+
+
+def calibration(round_trips: int = 2000) -> dict[str, float]:
+    """How fast this VM is right now, for comparing runs at different hours: a fixed piece
+    of Python work (best of five, ms) and the median round trip of one byte to another
+    process over pipes (µs; the closed-loop ingest figures are made of such hand-offs)."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        table: dict[int, int] = {}
+        for i in range(300_000):
+            table[i % 1000] = table.get(i % 1000, 0) + i
+        best = min(best, time.perf_counter() - t0)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert child.stdin is not None and child.stdout is not None
+    trips = []
+    try:
+        for _ in range(round_trips):
+            t0 = time.perf_counter()
+            child.stdin.write(b"x")
+            child.stdout.read(1)
+            trips.append(time.perf_counter() - t0)
+    finally:
+        child.stdin.close()
+        child.wait()
+    trips.sort()
+    return {
+        "python_ms": round(best * 1000, 1),
+        "round_trip_us": round(trips[len(trips) // 2] * 1e6, 1),
+    }
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -255,6 +292,18 @@ def _verdict(value: float | None, target: float, *, higher: bool) -> dict[str, A
     return {"measured": round(value, 1), "target": target, "met": met}
 
 
+def _calibration_text(results: dict[str, Any]) -> str:
+    start, end = results.get("calibration_start"), results.get("calibration_end")
+    if not start or not end:
+        return ""  # runs before the calibration was recorded
+    return (
+        " Calibration (report.calibration: a fixed piece of Python work, best of five; a one-byte"
+        f" round trip to another process, median): {start['python_ms']} ms and"
+        f" {start['round_trip_us']} µs at the start, {end['python_ms']} ms and"
+        f" {end['round_trip_us']} µs at the end."
+    )
+
+
 def summary(results: dict[str, Any]) -> str:
     """The machine, the conditions and the tables, as Markdown (docs/bench/summary.md)."""
     m = results["machine"]
@@ -264,7 +313,8 @@ def summary(results: dict[str, Any]) -> str:
         f"{m['memory_gib']} GiB memory, kernel {m['kernel']}, Python {m['python']}, "
         f"PostgreSQL {m['postgresql']}, SQLite {m['sqlite']}, Orthanc {m['orthanc']} with "
         f"DICOMweb {m['orthanc_dicomweb']}, wrk {m['wrk']}. Load average (1/5/15 min) "
-        f"{results['loadavg_start']} at the start and {results['loadavg_end']} at the end.",
+        f"{results['loadavg_start']} at the start and {results['loadavg_end']} at the end."
+        + _calibration_text(results),
         "",
         table(results),
     ]

@@ -369,6 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": report.machine(),
         "loadavg_start": report.loadavg(),
+        "calibration_start": report.calibration(),
         "quick": args.quick,
         "service_env": SERVICE_ENV,
         "plan": plan.__dict__,
@@ -403,6 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fanout_stage(backends.pg("fanout"), plan, workdir, results)
     results["seconds"] = round(time.perf_counter() - wall, 1)
     results["loadavg_end"] = report.loadavg()
+    results["calibration_end"] = report.calibration()
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["targets"] = report.check_targets(results)
     return results
