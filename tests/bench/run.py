@@ -10,7 +10,9 @@ Stages (all by default, or a comma-separated `--stages`):
 
 PostgreSQL: --pg-url, else LOCATOR_TEST_POSTGRES_URL, else a throwaway cluster from
 .ci/start-postgres. Output: a printed table, results.json and fanout.png in --out (default
-tests/bench/results/); `--publish` also copies them to docs/bench/.
+tests/bench/results/); `--publish` also copies them to docs/bench/. `--pg-sizes` and
+`--sqlite-sizes` choose the index sizes (e.g. `--stages data,search --pg-sizes 10000000
+--sqlite-sizes ""` for the 10-million-study stage alone).
 """
 
 from __future__ import annotations
@@ -343,7 +345,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="also load and search 10 million studies on PostgreSQL",
     )
+    parser.add_argument(
+        "--pg-sizes", type=_sizes, help="index sizes on PostgreSQL, e.g. 10000000 (empty: none)"
+    )
+    parser.add_argument(
+        "--sqlite-sizes", type=_sizes, help="index sizes on SQLite, e.g. 1000000 (empty: none)"
+    )
     return parser.parse_args(argv)
+
+
+def _sizes(value: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in value.split(",") if n.strip())
 
 
 @dataclass
@@ -361,11 +373,15 @@ class Backends:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else FULL
+    if args.pg_sizes is not None:
+        plan = replace(plan, pg_sizes=args.pg_sizes)
+    if args.sqlite_sizes is not None:
+        plan = replace(plan, sqlite_sizes=args.sqlite_sizes)
     if args.ten_million:
         plan = replace(plan, pg_sizes=(*plan.pg_sizes, 10_000_000))
     stages = set(args.stages.split(","))
     results: dict[str, Any] = {
-        "command": "python -m tests.bench.run" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m tests.bench.run", *sys.argv[1:]]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": report.machine(),
         "loadavg_start": report.loadavg(),
