@@ -180,7 +180,13 @@ def _weighted(rng: random.Random, shares: list[float]) -> int:
 
 
 class Generator:
-    """Seeded patients and studies over `trusts`; `studies(n)` yields exactly n studies."""
+    """Seeded patients and studies over `trusts`; `studies(n)` yields exactly n studies.
+
+    Patients take the valid test-range NHS Numbers in order. Once the range is used up
+    (about 3.3 million studies from its start) the numbers are taken again from the start:
+    a further study goes to a patient already made, as another episode (another home trust
+    and local id), so past that size patients have more studies each (about 11 at 10
+    million); `patients` lists each patient once."""
 
     def __init__(
         self,
@@ -192,7 +198,8 @@ class Generator:
     ) -> None:
         self.trusts = [t.ods_code for t in trusts]
         self.rng = random.Random(seed)
-        self.numbers = valid_nhs_numbers(TEST_RANGE_FIRST + nhs_start)
+        self.numbers = self._numbers(TEST_RANGE_FIRST + nhs_start)
+        self.wrapped = False
         self.patients: list[NhsNumber] = []
         self._accession = accession_start
         self._mix_shares = [m[1] for m in MODALITY_MIX]
@@ -202,7 +209,8 @@ class Generator:
         made = 0
         while made < count:
             nhs = next(self.numbers)
-            self.patients.append(nhs)
+            if not self.wrapped:
+                self.patients.append(nhs)
             low, high = STUDIES_PER_PATIENT[_weighted(self.rng, self._spp_shares)][1]
             wanted = min(self.rng.randint(low, high), count - made)
             home = self.rng.randrange(len(self.trusts))
@@ -210,6 +218,12 @@ class Generator:
             for _ in range(wanted):
                 yield self._study(nhs, mrn, home)
             made += wanted
+
+    def _numbers(self, start: int) -> Iterator[NhsNumber]:
+        yield from valid_nhs_numbers(start)
+        self.wrapped = True
+        while True:
+            yield from valid_nhs_numbers(TEST_RANGE_FIRST)
 
     def _study(self, nhs: NhsNumber, mrn: str, home: int) -> SyntheticStudy:
         rng = self.rng
