@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import random
+import shlex
 import shutil
 import sqlite3
 import sys
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan = replace(plan, pg_sizes=(*plan.pg_sizes, 10_000_000))
     stages = set(args.stages.split(","))
     results: dict[str, Any] = {
-        "command": " ".join(["python -m tests.bench.run", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "tests.bench.run", *sys.argv[1:]]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": report.machine(),
         "loadavg_start": report.loadavg(),
