@@ -55,6 +55,7 @@ from tests.bench.service import (
 DEFAULT_OUT = REPO / "tests" / "bench" / "results"
 DOCS = REPO / "docs" / "bench"
 TRUSTS = 20
+STAGES = ("data", "search", "ingest", "fanout")
 
 
 @dataclass(frozen=True)
@@ -336,10 +337,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, under two minutes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--stages", default="data,search,ingest,fanout")
+    parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--pg-url", default=os.environ.get("LOCATOR_TEST_POSTGRES_URL"))
     parser.add_argument(
-        "--publish", action="store_true", help="copy results.json and fanout.png to docs/bench/"
+        "--publish",
+        action="store_true",
+        help="copy results.json, fanout.png and summary.md to docs/bench/ (a whole run only)",
     )
     parser.add_argument(
         "--ten-million",
@@ -451,6 +454,19 @@ def data_and_search(
                 log(f"  search not measured: {exc}"[:300])
 
 
+def unpublishable(args: argparse.Namespace, results: dict[str, Any]) -> str | None:
+    """Why this run may not replace the published one (None: it may): it must be whole."""
+    if args.quick:
+        return "a --quick run"
+    if set(args.stages.split(",")) != set(STAGES):
+        return "not every stage ran"
+    if args.pg_sizes is not None or args.sqlite_sizes is not None:
+        return "not the standard index sizes"
+    if results["not_measured"]:
+        return "something was not measured"
+    return None
+
+
 def publish(out: Path) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "fanout.png", "summary.md"):
@@ -480,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{results['loadavg_end']}"
     )
     if args.publish:
+        reason = unpublishable(args, results)
+        if reason:
+            sys.exit(f"not published ({reason}); the results are in {args.out}")
         publish(args.out)
 
 
