@@ -1,5 +1,5 @@
 """Alembic environment: runs migrations on the connection the locator hands in
-(`locator.migrate`), or on the URL in alembic.ini / LOCATOR_DATABASE_URL from the CLI."""
+(`locator.store.migrate`), or on the URL in alembic.ini / LOCATOR_DATABASE_URL from the CLI."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 from alembic import context
 from sqlalchemy import Connection
 
-from locator.db import create_db_engine
-from locator.models import metadata
+from locator.store.db import create_db_engine
+from locator.store.models import metadata
 
 config = context.config
 

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from locator.nhs_number import check_digit
+from locator.core.nhs_number import check_digit
 from locator.trusts import TrustConfig, example_trusts
 
 # MLLP framing (HL7 v2.5.1 Appendix C.4.3, minimal lower layer protocol)

@@ -38,9 +38,9 @@ from ingest.hl7_process import (
 )
 from ingest.mllp import Frame, FrameReader, frame_message
 from locator.config import Settings
-from locator.db import is_conflict, is_sqlite, is_transient, transaction
-from locator.journal import purge_journal
+from locator.core.journal import purge_journal
 from locator.metrics import ACK_LATENCY, DB_ERRORS
+from locator.store.db import is_conflict, is_sqlite, is_transient, transaction
 from locator.tls import peer_names, server_ssl_context
 from locator.trusts import TrustRegistry
 

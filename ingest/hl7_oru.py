@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
 from zoneinfo import ZoneInfo
 
-from locator.nhs_number import InvalidNhsNumberError, NhsNumber, mask, parse_nhs_number
-from locator.notice import (
+from locator.core.nhs_number import InvalidNhsNumberError, NhsNumber, mask, parse_nhs_number
+from locator.core.notice import (
     Coding,
     FeedKind,
     PatientRef,

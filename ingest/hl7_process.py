@@ -32,12 +32,12 @@ from ingest.hl7_oru import (
     read_oru,
     strip_for_journal,
 )
-from locator import journal
-from locator.db import Reads, Writes
-from locator.index import apply_notices, lock_local_ids, look_up_stored
-from locator.journal import NewEntry, Outcome, PreviousEntry
+from locator.core import journal
+from locator.core.index import apply_notices, lock_local_ids, look_up_stored
+from locator.core.journal import NewEntry, Outcome, PreviousEntry
+from locator.core.notice import StudyNotice
 from locator.metrics import MESSAGES
-from locator.notice import StudyNotice
+from locator.store.db import Reads, Writes
 from locator.trusts import TrustConfig, TrustRegistry
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from ingest.hl7_oru import (
     normalise_newlines,
     read_oru,
 )
-from locator.notice import StudyNotice
+from locator.core.notice import StudyNotice
 from locator.trusts import TrustConfig
 
 log = logging.getLogger(__name__)

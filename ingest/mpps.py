@@ -22,13 +22,13 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from ingest.mpps_step import UNSET, ScheduledStudy, StepAttributes, StepStatus, StepUpdate
-from locator.nhs_number import (
+from locator.core.nhs_number import (
     NHS_NUMBER_OID,
     InvalidNhsNumberError,
     NhsNumber,
     parse_nhs_number,
 )
-from locator.notice import (
+from locator.core.notice import (
     Coding,
     FeedKind,
     PatientRef,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from locator.notice import Coding, SeriesRef
+from locator.core.notice import Coding, SeriesRef
 
 
 class StepStatus(StrEnum):

@@ -34,11 +34,11 @@ from ingest.mpps import (
     build_notice,
 )
 from ingest.mpps_step import StepAttributes, StepStatus, StepUpdate
-from locator.db import is_sqlite, transaction
-from locator.index import apply_notice
+from locator.core.index import apply_notice
+from locator.core.nhs_number import mask
 from locator.metrics import DB_ERRORS, STALE_MPPS_STEPS
-from locator.models import MppsStep
-from locator.nhs_number import mask
+from locator.store.db import is_sqlite, transaction
+from locator.store.models import MppsStep
 
 log = logging.getLogger("ingest.mpps")
 

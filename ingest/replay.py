@@ -27,9 +27,9 @@ from ingest.hl7_process import (
     decide_message,
 )
 from ingest.hl7_validate import describe_message
-from locator.db import is_conflict, transaction
-from locator.journal import REPLAYABLE, JournalView, Outcome, get_entry, list_entries
-from locator.nhs_number import redact_text
+from locator.core.journal import REPLAYABLE, JournalView, Outcome, get_entry, list_entries
+from locator.core.nhs_number import redact_text
+from locator.store.db import is_conflict, transaction
 from locator.trusts import TrustRegistry
 
 _AGE = re.compile(r"^(\d+)\s*([mhdw])$")

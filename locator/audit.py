@@ -27,8 +27,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
 
-from locator.models import AuditRecord, audit_table, utcnow
-from locator.nhs_number import NHS_NUMBER_SYSTEM
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM
+from locator.store.models import AuditRecord, audit_table, utcnow
 
 ODS_SYSTEM = "https://fhir.nhs.uk/Id/ods-organization-code"
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"

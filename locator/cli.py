@@ -15,10 +15,10 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator import migrate
 from locator.config import Settings, is_loopback
-from locator.db import create_db_engine, make_session_factory, transaction
 from locator.logs import configure_logging
+from locator.store import migrate
+from locator.store.db import create_db_engine, make_session_factory, transaction
 from locator.trusts import (
     TrustFileError,
     TrustRegistry,
@@ -147,7 +147,7 @@ def prepare_registry(settings: Settings, factory: sessionmaker[Session]) -> Trus
 @db_option
 def quarantine(database_url: str | None) -> None:
     """List studies held back because their patient assertions conflict."""
-    from locator.index import list_quarantined
+    from locator.core.index import list_quarantined
 
     engine = prepare_database(_settings(database_url=database_url))
     with make_session_factory(engine)() as session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from locator.nhs_number import redact_text
+from locator.core.nhs_number import redact_text
 
 
 class MaskNhsNumbers(logging.Filter):

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from locator.models import Trust, TrustAlias, trust_alias_table, trust_table, utcnow
+from locator.store.models import Trust, TrustAlias, trust_alias_table, trust_table, utcnow
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 AliasKind = Literal["facility", "ae_title", "tls_name"]

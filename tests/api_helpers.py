@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.app import create_app
 from locator.config import Settings
-from locator.nhs_number import NHS_NUMBER_SYSTEM, check_digit
-from locator.notice import Coding, SeriesRef, StudyRef, StudyStatus
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM, check_digit
+from locator.core.notice import Coding, SeriesRef, StudyRef, StudyStatus
 from locator.trusts import TrustRegistry
 from tests.index_helpers import apply_all, notice
 
@@ -145,7 +145,7 @@ def add_studies(
     local: str | None = None,
     at: datetime | None = None,
 ) -> list[str]:
-    """Apply one notice per study (the real path: locator.index.apply_notice)."""
+    """Apply one notice per study (the real path: locator.core.index.apply_notice)."""
     when = at or datetime.now(UTC)
     notices = [
         notice(ref, trust=trust, source=source, nhs=nhs, local=local, at=when + timedelta(0, 0, i))

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator import migrate
-from locator.db import create_db_engine, make_session_factory, normalise_url
+from locator.store import migrate
+from locator.store.db import create_db_engine, make_session_factory, normalise_url
 from locator.trusts import TrustRegistry, example_trusts, store_trusts
 
 PG_URL = os.environ.get("LOCATOR_TEST_POSTGRES_URL")

@@ -9,16 +9,16 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.db import transaction
-from locator.index import AppliedNotice, apply_notice
-from locator.models import (
+from locator.core.index import AppliedNotice, apply_notice
+from locator.core.nhs_number import NhsNumber
+from locator.core.notice import FeedKind, PatientRef, StudyNotice, StudyRef
+from locator.store.db import transaction
+from locator.store.models import (
     local_link_table,
     patient_assertion_table,
     study_key_table,
     study_table,
 )
-from locator.nhs_number import NhsNumber
-from locator.notice import FeedKind, PatientRef, StudyNotice, StudyRef
 
 NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -333,7 +333,7 @@ def build_app(db_url: str, **overrides: Any) -> tuple[Any, Any]:
     """The real app over a migrated database holding the example trusts: (app, factory)."""
     from locator.api.app import create_app
     from locator.config import Settings
-    from locator.db import create_db_engine, make_session_factory
+    from locator.store.db import create_db_engine, make_session_factory
     from locator.trusts import TrustRegistry, example_trusts, load_registry, store_trusts
 
     engine = create_db_engine(db_url)
@@ -355,10 +355,10 @@ def build_app(db_url: str, **overrides: Any) -> tuple[Any, Any]:
 
 def seed_study(factory: Any, *, nhs: str, trust: str = "RZZ01", uid: str = "1.2.826.0.1.1") -> None:
     """One available study for `nhs` at `trust`, through the real index."""
-    from locator.db import transaction
-    from locator.index import apply_notice
-    from locator.nhs_number import NhsNumber
-    from locator.notice import FeedKind, PatientRef, StudyNotice, StudyRef, StudyStatus
+    from locator.core.index import apply_notice
+    from locator.core.nhs_number import NhsNumber
+    from locator.core.notice import FeedKind, PatientRef, StudyNotice, StudyRef, StudyStatus
+    from locator.store.db import transaction
 
     ref = StudyRef(
         study_uid=uid,
@@ -382,7 +382,7 @@ def seed_study(factory: Any, *, nhs: str, trust: str = "RZZ01", uid: str = "1.2.
 def audit_rows(factory: Any) -> list[Any]:
     from sqlalchemy import select
 
-    from locator.models import AuditRecord
+    from locator.store.models import AuditRecord
 
     with factory() as session:
         return list(session.execute(select(AuditRecord).order_by(AuditRecord.id)).scalars())  # type: ignore[arg-type]

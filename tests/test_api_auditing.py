@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.auditing import AuditBatcher
 from locator.audit import record_accesses
-from locator.models import audit_table
+from locator.store.models import audit_table
 
 Factory = sessionmaker[Session]
 

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.paging import CursorCodec, CursorState, load_or_create_secret
-from locator.models import service_setting_table
+from locator.store.models import service_setting_table
 from locator.trusts import TrustRegistry
 from tests.api_helpers import (
     ALICE,

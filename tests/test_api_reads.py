@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api import interactions
 from locator.api.search import IMAGING_STUDY_PARAMETERS
+from locator.core.notice import ReportStatus, SeriesRef
 from locator.metrics import AUDIT_WRITE_FAILURES
-from locator.models import audit_table
-from locator.notice import ReportStatus, SeriesRef
+from locator.store.models import audit_table
 from locator.trusts import TrustRegistry
 from tests.api_helpers import (
     ALICE,
@@ -216,7 +216,7 @@ def test_health_readiness_and_metrics(client: TestClient, session_factory: Facto
 
 
 def test_readiness_fails_without_a_database(registry: TrustRegistry, tmp_path: Any) -> None:
-    from locator.db import create_db_engine, make_session_factory
+    from locator.store.db import create_db_engine, make_session_factory
 
     missing = create_db_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite")
     app = make_app(missing, make_session_factory(missing), registry)
@@ -256,7 +256,7 @@ def test_with_a_jwks_patient_data_needs_a_token_and_metadata_does_not(
 
 
 def test_an_unreachable_database_is_503_not_500(registry: TrustRegistry, tmp_path: Any) -> None:
-    from locator.db import create_db_engine, make_session_factory
+    from locator.store.db import create_db_engine, make_session_factory
 
     missing = create_db_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite")
     client = client_for(make_app(missing, make_session_factory(missing), registry))

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.models import audit_table
-from locator.notice import ReportStatus, SeriesRef, StudyStatus
+from locator.core.notice import ReportStatus, SeriesRef, StudyStatus
+from locator.store.models import audit_table
 from locator.trusts import TrustRegistry
 from tests.api_helpers import (
     ALICE,
@@ -102,8 +102,8 @@ def world(engine: Engine, session_factory: Factory, registry: TrustRegistry) -> 
 
 
 def add_studies_withdrawn(factory: Factory, nhs: str, uid: str) -> None:
-    from locator.db import transaction
-    from locator.index import apply_notice
+    from locator.core.index import apply_notice
+    from locator.store.db import transaction
     from tests.index_helpers import notice
 
     with transaction(factory) as session:

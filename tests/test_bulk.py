@@ -8,13 +8,13 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.bulk import BulkLoadError, bulk_load
-from locator.db import transaction
-from locator.index import apply_notice
-from locator.models import (
+from locator.core.bulk import BulkLoadError, bulk_load
+from locator.core.index import apply_notice
+from locator.core.notice import StudyNotice
+from locator.store.db import transaction
+from locator.store.models import (
     study_table,
 )
-from locator.notice import StudyNotice
 from locator.trusts import store_trusts
 from tests.bench.datagen import Generator, make_trusts, notices_of
 from tests.index_helpers import assert_same_index, clear_index, snapshot

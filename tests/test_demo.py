@@ -40,7 +40,7 @@ from ingest.demo import (
     run_demo,
 )
 from locator.cli import main
-from locator.nhs_number import NHS_NUMBER_SYSTEM, parse_nhs_number
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM, parse_nhs_number
 from locator.trusts import example_trusts
 
 PORT_LINE = re.compile(r"^(http|mllp|dicom)=(\d+)$")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.hl7_process import Binding, decide_message
 from locator.config import Settings
-from locator.journal import Outcome
+from locator.core.journal import Outcome
 from locator.trusts import TrustRegistry, example_trusts
 from tests.hl7_messages.helpers import CR, EB, SB, ListenerHarness, fixture_names, load
 

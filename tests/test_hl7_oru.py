@@ -21,7 +21,7 @@ from ingest.hl7_oru import (
     strip_for_journal,
 )
 from ingest.hl7_validate import describe_message, read_oru_with_hl7apy
-from locator.notice import ReportStatus, StudyNotice, StudyStatus
+from locator.core.notice import ReportStatus, StudyNotice, StudyStatus
 from locator.trusts import TrustConfig, example_trusts
 from tests.hl7_messages.helpers import fixture_names, load, oru
 

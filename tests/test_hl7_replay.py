@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import ingest.hl7_process as process_module
 from ingest.replay import parse_since
-from locator import migrate
 from locator.cli import main
 from locator.config import Settings
-from locator.db import create_db_engine
-from locator.journal import find_previous_many, purge_journal
+from locator.core.journal import find_previous_many, purge_journal
+from locator.store import migrate
+from locator.store.db import create_db_engine
 from locator.trusts import TrustRegistry, example_trusts, store_trusts
 from tests.hl7_messages.helpers import ListenerHarness, oru
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.index import PatientState
-from locator.notice import Coding, FeedKind, ReportStatus, SeriesRef, StudyRef, StudyStatus
+from locator.core.index import PatientState
+from locator.core.notice import Coding, FeedKind, ReportStatus, SeriesRef, StudyRef, StudyStatus
 from locator.trusts import TrustRegistry
 from tests.index_helpers import NOW, apply_all, keys_of, notice, studies
 
@@ -291,7 +291,7 @@ def test_provenance_first_and_last_seen(session_factory: Factory) -> None:
 
 
 def test_a_pointer_holds_no_names_or_report_text(registry: TrustRegistry) -> None:
-    from locator.models import study_table
+    from locator.store.models import study_table
 
     columns = {c.name for c in study_table.columns}
     assert not columns & {"name", "patient_name", "birth_date", "dob", "report", "text"}
@@ -300,7 +300,7 @@ def test_a_pointer_holds_no_names_or_report_text(registry: TrustRegistry) -> Non
 def test_quarantined_studies_are_listed_for_operators_with_masked_numbers(
     session_factory: Factory, tmp_path: object
 ) -> None:
-    from locator.index import list_quarantined
+    from locator.core.index import list_quarantined
 
     ref = StudyRef(accession="A1", status=StudyStatus.AVAILABLE)
     apply_all(

@@ -21,11 +21,11 @@ import pytest
 from sqlalchemy import Engine, String, cast, event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator import index as index_module
-from locator.db import Writes, is_conflict, transaction
-from locator.index import PatientState, apply_notice, apply_notices
-from locator.models import local_link_table
-from locator.notice import ReportStatus, StudyNotice, StudyRef
+from locator.core import index as index_module
+from locator.core.index import PatientState, apply_notice, apply_notices
+from locator.core.notice import ReportStatus, StudyNotice, StudyRef
+from locator.store.db import Writes, is_conflict, transaction
+from locator.store.models import local_link_table
 from locator.trusts import store_trusts
 from tests.bench.datagen import Generator, make_trusts, notices_of
 from tests.index_helpers import NOW, assert_same_index, clear_index, notice, snapshot, studies

@@ -22,11 +22,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.db import transaction
-from locator.index import apply_notices
-from locator.models import study_key_table, study_table
-from locator.nhs_number import NhsNumber
-from locator.notice import (
+from locator.core.index import apply_notices
+from locator.core.nhs_number import NhsNumber
+from locator.core.notice import (
     REPORT_RANK,
     STATUS_RANK,
     Coding,
@@ -38,6 +36,8 @@ from locator.notice import (
     StudyRef,
     StudyStatus,
 )
+from locator.store.db import transaction
+from locator.store.models import study_key_table, study_table
 from tests.index_helpers import NOW, apply_all
 
 pytestmark = pytest.mark.usefixtures("registry")

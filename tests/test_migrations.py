@@ -14,9 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import insert, inspect, text, update
 from sqlalchemy.exc import DBAPIError
 
-from locator import migrate
-from locator.db import create_db_engine
-from locator.models import audit_table, metadata, utcnow
+from locator.store import migrate
+from locator.store.db import create_db_engine
+from locator.store.models import audit_table, metadata, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,12 +22,9 @@ from ingest.dicom_listener import MAX_ATTRIBUTE_LIST_BYTES, DicomListener
 from ingest.mpps import DimseStatus
 from ingest.mpps_store import sweep_stale_steps
 from locator.config import Settings
-from locator.db import create_db_engine, make_session_factory, transaction
-from locator.index import apply_notice
-from locator.metrics import MESSAGES, STALE_MPPS_STEPS
-from locator.models import MppsStep, Study, StudyKey
-from locator.nhs_number import NhsNumber
-from locator.notice import (
+from locator.core.index import apply_notice
+from locator.core.nhs_number import NhsNumber
+from locator.core.notice import (
     Coding,
     FeedKind,
     PatientRef,
@@ -36,6 +33,9 @@ from locator.notice import (
     StudyRef,
     StudyStatus,
 )
+from locator.metrics import MESSAGES, STALE_MPPS_STEPS
+from locator.store.db import create_db_engine, make_session_factory, transaction
+from locator.store.models import MppsStep, Study, StudyKey
 from locator.trusts import TrustRegistry, example_trusts
 from tests.dicom_helpers import (
     Modality,

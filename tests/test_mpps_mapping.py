@@ -21,7 +21,7 @@ from ingest.mpps import (
     parse_n_set,
 )
 from ingest.mpps_step import StepAttributes, StepStatus
-from locator.notice import FeedKind, StudyStatus
+from locator.core.notice import FeedKind, StudyStatus
 from locator.trusts import TrustConfig
 from tests.dicom_helpers import mpps_create, mpps_set, series_item
 

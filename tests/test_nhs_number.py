@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from locator.nhs_number import (
+from locator.core.nhs_number import (
     InvalidNhsNumberError,
     check_digit,
     is_valid,

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from locator import migrate
 from locator.api.middleware import RateLimiter, RequestContextMiddleware, masked_target
-from locator.db import create_db_engine
+from locator.core.nhs_number import redact_text
 from locator.logs import MaskNhsNumbers
-from locator.nhs_number import redact_text
+from locator.store import migrate
+from locator.store.db import create_db_engine
 from tests.security_helpers import build_app, serve_app
 
 NHS = "9990000018"

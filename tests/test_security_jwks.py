@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from locator import migrate
 from locator.api.jwks import JwksCache, JwksError, check_url
-from locator.db import create_db_engine
+from locator.store import migrate
+from locator.store.db import create_db_engine
 from tests.security_helpers import (
     AUDIENCE,
     ISSUER,

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from locator.nhs_number import is_valid
+from locator.core.nhs_number import is_valid
 from tests.security_helpers import mllp_exchange
 
 ALICE = "9990000018"

@@ -48,8 +48,8 @@ def base_url(
     jwks = folder / "jwks.json"
     jwks.write_text(json.dumps(jwks_document(keys["rsa"], keys["ec"])))
     db_url = f"sqlite:///{folder / 'locator.db'}"
-    from locator import migrate
-    from locator.db import create_db_engine
+    from locator.store import migrate
+    from locator.store.db import create_db_engine
 
     engine = create_db_engine(db_url)
     migrate.upgrade(engine)
@@ -260,8 +260,8 @@ def test_metadata_and_smart_configuration_are_public(base_url: str) -> None:
 
 
 def test_open_mode_needs_no_token(tmp_path: Path) -> None:
-    from locator import migrate
-    from locator.db import create_db_engine
+    from locator.store import migrate
+    from locator.store.db import create_db_engine
 
     db_url = f"sqlite:///{tmp_path / 'open.db'}"
     engine = create_db_engine(db_url)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.db import transaction
+from locator.store.db import transaction
 from locator.trusts import (
     TrustFileError,
     TrustRegistry,

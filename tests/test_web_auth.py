@@ -29,7 +29,7 @@ from jose import jwt
 from playwright.sync_api import Browser, Page, expect
 
 from ingest.demo import PATIENTS, run_demo
-from locator.nhs_number import NHS_NUMBER_SYSTEM
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM
 from tests.test_demo import ServeProcess, serve
 from tests.test_web_support import launch_browser, new_context, watch
 

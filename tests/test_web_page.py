@@ -25,7 +25,7 @@ from ingest.demo import (
     demo_studies,
     run_demo,
 )
-from locator.nhs_number import check_digit, is_valid, normalise
+from locator.core.nhs_number import check_digit, is_valid, normalise
 from locator.trusts import TrustConfig, example_trusts
 from tests.test_demo import ServeProcess, serve
 from tests.test_web_support import (

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel  # noqa: F401
 from alembic import op
 
-from locator.models import UTCDateTime
+from locator.store.models import UTCDateTime
 
 
 revision: str = '0001'

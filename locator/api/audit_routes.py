@@ -37,12 +37,12 @@ from locator.api.auth import AUDIT_RESOURCE, Caller, require_audit_read
 from locator.api.middleware import FHIR_JSON
 from locator.api.outcomes import ForbiddenError, InvalidSearchError, UnavailableError
 from locator.api.search import DatePrefix, parse_date_bound, parse_nhs_token, split_token
-from locator.api.security import FORM_CONTENT_TYPE, SecurityState, security_of
+from locator.api.state import FORM_CONTENT_TYPE, SecurityState, security_of
 from locator.audit import AuditCriteria, audit_event, record_access, search_audit
-from locator.db import transaction
+from locator.core.nhs_number import mask
 from locator.metrics import AUDIT_WRITE_FAILURES
-from locator.models import Trust
-from locator.nhs_number import mask
+from locator.store.db import transaction
+from locator.store.models import Trust
 
 ODS_SYSTEM = "https://fhir.nhs.uk/Id/ods-organization-code"
 PATIENT_KEYS = ("patient.identifier", "patient:identifier")

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from locator.db import pipelined
+from locator.store.db import pipelined
 
 Record = dict[str, Any]
 Writer = Callable[[Connection, Sequence[Record]], None]

@@ -35,6 +35,7 @@ from jose.exceptions import JWTClaimsError
 
 from locator.api.jwks import ALLOWED_ALGORITHMS, JwksCache, JwksError
 from locator.api.scopes import Interaction, allows
+from locator.api.state import security_of
 from locator.config import Settings
 
 BEARER = "bearer"
@@ -275,8 +276,6 @@ def authenticate(
     request: Request, *, resources: tuple[str, ...], contexts: tuple[str, ...]
 ) -> Caller:
     """The caller, checked for a scope on one of `resources` for this interaction."""
-    from locator.api.security import security_of  # the app's security state
-
     security = security_of(request)
     if security.jwks is None:
         caller = open_caller(request)

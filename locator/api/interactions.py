@@ -67,9 +67,9 @@ from locator.api.search import (
 )
 from locator.audit import record_accesses
 from locator.config import Settings
-from locator.db import is_sqlite, read_connection
+from locator.core.nhs_number import mask
 from locator.metrics import AUDIT_WRITE_FAILURES, SEARCH_LATENCY
-from locator.nhs_number import mask
+from locator.store.db import is_sqlite, read_connection
 from locator.trusts import TrustConfig, TrustRegistry
 
 log = logging.getLogger("locator.api")
@@ -79,7 +79,6 @@ JSON_FORMATS = frozenset({"json", *JSON_TYPES})
 XML_FORMATS = frozenset(
     {"xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir"}
 )
-FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_FORM_BYTES = 16 * 1024
 PATIENT_KEYS = frozenset(IMAGING_STUDY_PARAMETERS[0].keys)
 
@@ -105,7 +104,7 @@ class ApiContext:
 
 @contextlib.contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """locator.db.read_connection; on PostgreSQL in autocommit, since each request reads with
+    """locator.store.db.read_connection; on PostgreSQL in autocommit, since each request reads with
     one statement: no BEGIN and ROLLBACK round trips (a statement is its own snapshot)."""
     with read_connection(engine) as conn:
         if not is_sqlite(engine):

@@ -4,7 +4,7 @@ Every error the API answers is an `ApiError` (or is turned into one here): its H
 its OperationOutcome issue code (FHIR R4 §3.1.5.3, value set `issue-type`) and a
 diagnostics text that is safe to show. A 500 never echoes the exception: the client gets
 the request id to quote, the log gets the traceback. A database that is unreachable or busy
-(locator.db.is_transient) answers 503, not 500.
+(locator.store.db.is_transient) answers 503, not 500.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from fastapi.responses import Response
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from locator.db import is_transient
 from locator.metrics import DB_ERRORS
+from locator.store.db import is_transient
 
 log = logging.getLogger("locator.api")
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from locator.api.outcomes import InvalidCursorError
-from locator.models import service_setting_table
+from locator.store.models import service_setting_table
 
 CURSOR_VERSION = b"\x01"
 NONCE_BYTES = 12

@@ -33,7 +33,7 @@ from sqlalchemy import (
 
 from locator.api.paging import Position
 from locator.api.search import DateBound, DatePrefix, SearchQuery, SortOrder, StudyIdentifier
-from locator.models import UTCDateTime, study_key_table, study_table
+from locator.store.models import UTCDateTime, study_key_table, study_table
 from locator.trusts import TrustRegistry
 
 STUDY = study_table

@@ -31,7 +31,7 @@ from locator.api.search import (
     OID_PREFIX,
     V2_0203,
 )
-from locator.nhs_number import NHS_NUMBER_SYSTEM
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM
 from locator.trusts import TrustConfig
 
 REPORT_STATUS_URL = "https://locator.example/fhir/StructureDefinition/report-status"

@@ -19,7 +19,6 @@ from locator.api.auth import Caller, require_imaging_read
 from locator.api.capability import capability_statement
 from locator.api.conformance import SEARCH_PARAMETERS, STRUCTURE_DEFINITIONS
 from locator.api.interactions import (
-    FORM_CONTENT_TYPE,
     MAX_FORM_BYTES,
     ctx_of,
     fhir_base,
@@ -47,8 +46,9 @@ from locator.api.render import (
 from locator.api.search import (
     IMAGING_STUDY_PARAMETERS,
 )
-from locator.db import read_connection
+from locator.api.state import FORM_CONTENT_TYPE
 from locator.metrics import QUARANTINED_STUDIES
+from locator.store.db import read_connection
 
 log = logging.getLogger("locator.api")
 FHIR_RESPONSES: dict[int | str, dict[str, Any]] = {

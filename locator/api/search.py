@@ -21,7 +21,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from locator.api.outcomes import InvalidSearchError, UnsupportedParameterError
-from locator.nhs_number import NHS_NUMBER_OID, NHS_NUMBER_SYSTEM, parse_nhs_number
+from locator.core.nhs_number import NHS_NUMBER_OID, NHS_NUMBER_SYSTEM, parse_nhs_number
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 OID_PREFIX = "urn:oid:"

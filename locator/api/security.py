@@ -19,7 +19,6 @@ import logging
 import math
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import orjson
 from fastapi import FastAPI, Request
@@ -27,6 +26,7 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from locator.api.audit_routes import router as audit_router
 from locator.api.auth import (
     AUDIT_RESOURCE,
     REALM,
@@ -41,22 +41,17 @@ from locator.api.auth import (
     request_id_of,
     resource_of,
 )
-from locator.api.jwks import JwksCache
-from locator.api.middleware import (
-    FHIR_JSON,
-    RateLimiter,
-    RequestContextMiddleware,
-    install_log_filter,
-)
+from locator.api.middleware import FHIR_JSON, RequestContextMiddleware, install_log_filter
+from locator.api.smart import router as smart_router
+from locator.api.state import FORM_CONTENT_TYPE, SecurityState, build_state
 from locator.audit import record_access
 from locator.config import Settings
-from locator.db import transaction
+from locator.core.nhs_number import NHS_NUMBER_SYSTEM, InvalidNhsNumberError, mask, parse_nhs_number
 from locator.metrics import AUDIT_WRITE_FAILURES
-from locator.nhs_number import NHS_NUMBER_SYSTEM, InvalidNhsNumberError, mask, parse_nhs_number
+from locator.store.db import transaction
 
 log = logging.getLogger(__name__)
 
-PATIENT_LOOKUP_RESOURCES = frozenset({"ImagingStudy"})
 AUDITED_REFUSAL_RESOURCES = frozenset({"ImagingStudy", AUDIT_RESOURCE})
 PATIENT_PARAMETERS = frozenset(
     {
@@ -66,23 +61,6 @@ PATIENT_PARAMETERS = frozenset(
         "subject.identifier",
     }
 )
-FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
-
-
-@dataclass(slots=True)
-class SecurityState:
-    settings: Settings
-    jwks: JwksCache | None
-    limiter: RateLimiter
-    session_factory: sessionmaker[Session] | None
-    rate_limited_resources: frozenset[str] = field(default=PATIENT_LOOKUP_RESOURCES)
-
-
-def build_state(settings: Settings, session_factory: sessionmaker[Session] | None) -> SecurityState:
-    jwks = JwksCache.from_settings(settings) if settings.jwks else None
-    return SecurityState(
-        settings, jwks, RateLimiter(settings.patient_lookups_per_minute), session_factory
-    )
 
 
 def install_security(
@@ -90,9 +68,6 @@ def install_security(
 ) -> SecurityState:
     """Security state, middleware, error responses and routes (call before other routers:
     a catch-all `/fhir/{path}` route must not shadow these)."""
-    from locator.api.audit_routes import router as audit_router
-    from locator.api.smart import router as smart_router
-
     state = build_state(settings, session_factory)
     app.state.security = state
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)
@@ -242,11 +217,4 @@ def audit_refused(request: Request, exc: SecurityError, pairs: Sequence[tuple[st
         log.error("audit of a refused request failed: %s", type(exc_write).__name__)
 
 
-def security_of(request: Request) -> SecurityState:
-    state: SecurityState | None = getattr(request.app.state, "security", None)
-    if state is None:
-        raise RuntimeError("install_security() was not called for this app")
-    return state
-
-
-__all__ = ["SecurityState", "install_security", "security_of", "security_response"]
+__all__ = ["install_security", "security_response"]

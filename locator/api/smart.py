@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from locator.api.jwks import ALLOWED_ALGORITHMS, is_url
 from locator.api.scopes import supported_scopes
-from locator.api.security import security_of
+from locator.api.state import security_of
 from locator.config import Settings
 
 SECURITY_SERVICE_SYSTEM = "http://terminology.hl7.org/CodeSystem/restful-security-service"

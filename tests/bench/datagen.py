@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from locator.nhs_number import NhsNumber, check_digit
-from locator.notice import (
+from locator.core.nhs_number import NhsNumber, check_digit
+from locator.core.notice import (
     Coding,
     FeedKind,
     PatientRef,

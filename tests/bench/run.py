@@ -36,8 +36,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from locator.bulk import bulk_load
-from locator.db import create_db_engine
+from locator.core.bulk import bulk_load
+from locator.store.db import create_db_engine
 from tests.bench import report
 from tests.bench.datagen import Generator, SyntheticStudy, make_trusts, notices_of
 from tests.bench.fanout import Latency, locator_latencies, measure_fanout

@@ -22,7 +22,7 @@ from typing import IO
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from locator.db import normalise_url
+from locator.store.db import normalise_url
 from locator.trusts import TrustConfig
 
 REPO = Path(__file__).resolve().parents[2]

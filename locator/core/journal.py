@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from locator.db import Reads, Writes, in_groups
-from locator.models import journal_table
+from locator.store.db import Reads, Writes, in_groups
+from locator.store.models import journal_table
 
 JOURNAL: Table = journal_table
 PREVIOUS_LOOKUP_LIMIT = 50

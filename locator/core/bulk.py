@@ -2,7 +2,7 @@
 
 For benchmarks, migrations from an existing RIS/PACS, and backfills: each study is given as
 the notices that would have produced it (one per source: `hl7:<MSH-3>`, `mpps:<step UID>`),
-and the loader writes the same rows `locator.index.apply_notice` would leave behind, namely
+and the loader writes the same rows `locator.core.index.apply_notice` would leave behind, namely
 the study row (facts joined with the index's own `StudyFacts.join`, columns from
 `columns_of_facts`, patient from `derive_patient`), its `study_key` rows, one
 `patient_assertion` per (source, patient) and the trust's `local_link` rows, without a
@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from locator.index import (
+from locator.core.index import (
     ACCESSION,
     UID,
     Assertion,
@@ -35,13 +35,13 @@ from locator.index import (
     fhir_status,
     patient_claims,
 )
-from locator.models import (
+from locator.core.notice import StudyNotice
+from locator.store.models import (
     local_link_table,
     patient_assertion_table,
     study_key_table,
     study_table,
 )
-from locator.notice import StudyNotice
 
 DEFAULT_BATCH_SIZE = 20_000
 

@@ -45,15 +45,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from locator.db import Reads, Writes, in_groups
-from locator.models import (
-    local_link_table,
-    patient_assertion_table,
-    study_key_table,
-    study_table,
-)
-from locator.nhs_number import mask
-from locator.notice import (
+from locator.core.nhs_number import mask
+from locator.core.notice import (
     REPORT_RANK,
     STATUS_RANK,
     PatientRef,
@@ -62,6 +55,13 @@ from locator.notice import (
     StudyNotice,
     StudyRef,
     StudyStatus,
+)
+from locator.store.db import Reads, Writes, in_groups
+from locator.store.models import (
+    local_link_table,
+    patient_assertion_table,
+    study_key_table,
+    study_table,
 )
 
 log = logging.getLogger(__name__)

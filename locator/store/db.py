@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeEngine
 
-from locator.models import UTCDateTime
+from locator.store.models import UTCDateTime
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

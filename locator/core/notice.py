@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from locator.nhs_number import NhsNumber
+from locator.core.nhs_number import NhsNumber
 
 
 class FeedKind(StrEnum):
