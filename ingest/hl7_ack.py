@@ -18,14 +18,8 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from ingest.hl7_oru import (
-    DEFAULT_VERSION,
-    ERROR_TEXT,
-    Delimiters,
-    ErrorLocation,
-    Hl7Error,
-    Hl7Header,
-)
+from ingest.hl7_errors import ERROR_TEXT, ErrorLocation, Hl7Error
+from ingest.hl7_segments import DEFAULT_VERSION, Delimiters, Hl7Header
 
 ACK_MESSAGE_TYPE = "ACK"
 HL7_ERROR_TABLE = "HL70357"

@@ -17,20 +17,22 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from ingest.hl7_ack import build_ack
-from ingest.hl7_oru import (
+from ingest.hl7_errors import (
     ErrorCode,
     ErrorLocation,
     Hl7Error,
-    Hl7Header,
-    Hl7Message,
     MessageContentError,
     MessageRejectedError,
+)
+from ingest.hl7_oru import read_oru
+from ingest.hl7_redact import strip_for_journal
+from ingest.hl7_segments import (
+    Hl7Header,
+    Hl7Message,
     check_header,
     declared_charset,
     decode_message,
     parse_message,
-    read_oru,
-    strip_for_journal,
 )
 from locator.core import journal
 from locator.core.index import apply_notices, lock_local_ids, look_up_stored
@@ -96,7 +98,7 @@ class Decision:
 def _codec(raw: bytes | str) -> str:
     if isinstance(raw, str):
         return "utf-8"
-    from ingest.hl7_oru import CHARSETS
+    from ingest.hl7_segments import CHARSETS
 
     return CHARSETS.get(declared_charset(raw).upper(), "utf-8")
 

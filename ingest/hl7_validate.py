@@ -16,14 +16,14 @@ import re
 from datetime import datetime
 from typing import Any
 
-from ingest.hl7_oru import (
+from ingest.hl7_errors import ErrorLocation
+from ingest.hl7_oru import read_oru
+from ingest.hl7_segments import (
     Delimiters,
-    ErrorLocation,
     Hl7Message,
     header_from_fields,
     map_version,
     normalise_newlines,
-    read_oru,
 )
 from locator.core.notice import StudyNotice
 from locator.trusts import TrustConfig

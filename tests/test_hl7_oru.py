@@ -8,18 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ingest.hl7_oru import (
-    ErrorCode,
-    Hl7Error,
-    MessageContentError,
-    MessageRejectedError,
-    check_header,
-    decode_message,
-    map_modality,
-    parse_message,
-    read_oru,
-    strip_for_journal,
-)
+from ingest.hl7_errors import ErrorCode, Hl7Error, MessageContentError, MessageRejectedError
+from ingest.hl7_fields import map_modality
+from ingest.hl7_oru import read_oru
+from ingest.hl7_redact import strip_for_journal
+from ingest.hl7_segments import check_header, decode_message, parse_message
 from ingest.hl7_validate import describe_message, read_oru_with_hl7apy
 from locator.core.notice import ReportStatus, StudyNotice, StudyStatus
 from locator.trusts import TrustConfig, example_trusts
