@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import Engine, String, cast, event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from locator.core import index as index_module
 from locator.core.index import PatientState, apply_notice, apply_notices
+from locator.core.index import batches as batches_module
 from locator.core.notice import ReportStatus, StudyNotice, StudyRef
 from locator.store.db import Writes, is_conflict, transaction
 from locator.store.models import local_link_table
@@ -178,7 +178,7 @@ def test_a_race_lost_in_a_batch_is_a_conflict_to_retry(
         apply_notices(session, notices=[first])
     again = notice(StudyRef(study_uid="1.2.7", accession="A7"), nhs=NHS_A, source="hl7:RIS2")
     missed = lambda: (set(), set())  # noqa: E731
-    monkeypatch.setattr(index_module, "look_up_stored", lambda reads, notices: missed)
+    monkeypatch.setattr(batches_module, "look_up_stored", lambda reads, notices: missed)
     with pytest.raises(Exception) as raised, transaction(session_factory) as session:
         apply_notices(session, notices=[again])
     assert is_conflict(raised.value), raised.value
