@@ -177,19 +177,13 @@ def answer(request: Request, caller: Caller, pairs: Sequence[tuple[str, str]]) -
             ]
             record_access(
                 session,
-                request_id=caller.request_id,
                 action="search",
                 resource_type=AUDIT_RESOURCE,
                 query=audited_text(pairs),
                 nhs_number=criteria.nhs_number,
                 result_count=total,
                 outcome=200,
-                subject=caller.subject,
-                client_id=caller.client_id,
-                organisation=caller.organisation,
-                role=caller.role,
-                purpose_of_use=caller.purpose_of_use,
-                remote_addr=caller.remote_addr,
+                **caller.audit_fields(),
                 trust_ods=criteria.trust_ods,
             )
     except Exception as exc:

@@ -70,6 +70,18 @@ class Caller:
             return f"sub:{self.subject}"
         return f"addr:{self.remote_addr}"
 
+    def audit_fields(self) -> dict[str, str | None]:
+        """Who asked, as an audit row records it (locator.audit.audit_row's fields)."""
+        return {
+            "request_id": self.request_id,
+            "subject": self.subject,
+            "client_id": self.client_id,
+            "organisation": self.organisation,
+            "role": self.role,
+            "purpose_of_use": self.purpose_of_use,
+            "remote_addr": self.remote_addr,
+        }
+
 
 class SecurityError(Exception):
     """A request refused before it reached the data; mapped to an OperationOutcome."""

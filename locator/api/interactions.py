@@ -177,15 +177,7 @@ def audit_access(
     Raises UnavailableError (503) when the audit trail cannot be written: the caller must
     then return no patient data.
     """
-    who = {
-        "request_id": caller.request_id,
-        "subject": caller.subject,
-        "client_id": caller.client_id,
-        "organisation": caller.organisation,
-        "role": caller.role,
-        "purpose_of_use": caller.purpose_of_use,
-        "remote_addr": caller.remote_addr,
-    }
+    who = caller.audit_fields()
     what = {
         "action": action,
         "resource_type": resource_type,

@@ -198,19 +198,13 @@ def audit_refused(request: Request, exc: SecurityError, pairs: Sequence[tuple[st
         with transaction(state.session_factory) as session:
             record_access(
                 session,
-                request_id=caller.request_id,
                 action=interaction_of(request),
                 resource_type=resource_of(request),
                 query=audited_query(request, pairs),
                 nhs_number=nhs,
                 result_count=None,
                 outcome=exc.status,
-                subject=caller.subject,
-                client_id=caller.client_id,
-                organisation=caller.organisation,
-                role=caller.role,
-                purpose_of_use=caller.purpose_of_use,
-                remote_addr=caller.remote_addr,
+                **caller.audit_fields(),
             )
     except Exception as exc_write:  # the refusal stands; the failure is counted and logged
         AUDIT_WRITE_FAILURES.inc()

@@ -258,26 +258,7 @@ def list_entries(
     query = query.order_by(c.id.asc() if oldest_first else c.id.desc())
     if limit is not None:
         query = query.limit(limit)
-    return [
-        JournalView(
-            r.id,
-            r.received_at,
-            r.feed,
-            r.trust_ods,
-            r.peer,
-            r.sender_app,
-            r.sender_facility,
-            r.control_id,
-            r.sha256,
-            r.size,
-            bool(r.truncated),
-            Outcome(r.outcome),
-            r.reason,
-            r.replayed_at,
-            r.message if with_message else "",
-        )
-        for r in session.execute(query).all()
-    ]
+    return [_view(r, with_message=with_message) for r in session.execute(query).all()]
 
 
 def get_entry(session: Session, *, entry_id: int) -> JournalView | None:
@@ -286,6 +267,10 @@ def get_entry(session: Session, *, entry_id: int) -> JournalView | None:
     r = session.execute(select(JOURNAL).where(c.id == entry_id)).first()
     if r is None:
         return None
+    return _view(r, with_message=True)
+
+
+def _view(r: Any, *, with_message: bool) -> JournalView:
     return JournalView(
         r.id,
         r.received_at,
@@ -301,7 +286,7 @@ def get_entry(session: Session, *, entry_id: int) -> JournalView | None:
         Outcome(r.outcome),
         r.reason,
         r.replayed_at,
-        r.message,
+        r.message if with_message else "",
     )
 
 
