@@ -49,7 +49,8 @@ def upgrade() -> None:
     sa.Column('study_id', sa.String(length=32), nullable=False),
     sa.Column('created_at', UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['subscription_id'], ['subscription.id'], name=op.f('fk_subscription_outbox_subscription_id_subscription'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_subscription_outbox'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_subscription_outbox')),
+    sqlite_autoincrement=True,
     )
     with op.batch_alter_table('subscription_outbox', schema=None) as batch_op:
         batch_op.create_index('ix_subscription_outbox_subscription_id_id', ['subscription_id', 'id'], unique=False)

@@ -51,6 +51,7 @@ from locator.notify.sender import (
     make_client,
     send,
 )
+from locator.store.db import read_connection
 
 log = logging.getLogger("locator.notify")
 
@@ -199,11 +200,10 @@ class Deliverer:
         return started
 
     def _due(self, in_flight: frozenset[str]) -> tuple[list[Channel], list[Pending]]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             requested = [c for c in queue.requested(conn, limit=50) if c.id not in in_flight]
             ready = [c for c in requested if self._settled(conn, c)]
             pending = queue.due(conn, now=now_utc(), limit=BATCH, skip=in_flight)
-            conn.rollback()
         return ready, pending
 
     def _settled(self, conn: Connection, channel: Channel) -> bool:
@@ -301,10 +301,8 @@ class Deliverer:
         await result.done
 
     def _read(self, study_ids: list[str]) -> dict[str, NotifiedStudy]:
-        with self.engine.connect() as conn:
-            found = self.read_studies(conn, study_ids)
-            conn.rollback()
-        return found
+        with read_connection(self.engine) as conn:
+            return self.read_studies(conn, study_ids)
 
     def _what(
         self, channel: Channel, study_id: str, study: NotifiedStudy | None

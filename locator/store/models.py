@@ -303,7 +303,12 @@ class SubscriptionOutbox(SQLModel, table=True):
     that causes it (locator.core.outbox), deleted once delivered (locator.notify)."""
 
     __tablename__ = "subscription_outbox"
-    __table_args__ = (Index("ix_subscription_outbox_subscription_id_id", "subscription_id", "id"),)
+    # AUTOINCREMENT on SQLite: an id is never reused (it is the notification id receivers
+    # drop repeats by), even once every row has been delivered and deleted.
+    __table_args__ = (
+        Index("ix_subscription_outbox_subscription_id_id", "subscription_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
     id: int | None = Field(
         default=None,
         sa_column=Column(
