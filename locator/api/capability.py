@@ -98,8 +98,8 @@ def capability_statement(
             {
                 "mode": "server",
                 "documentation": (
-                    "Read-only, but for Subscription. A search must name a patient (NHS Number), an _id or a fully "
-                    f"qualified identifier. Custom search parameter: "
+                    "Read-only, but for Subscription. A search must name a patient (NHS "
+                    "Number), an _id or a fully qualified identifier. Custom search parameter: "
                     f"{ORGANIZATION_SEARCH_PARAMETER['url']}."
                 ),
                 "security": security_section(settings),
