@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     subscription_retry_hours: float = Field(default=24.0, gt=0)
     subscription_retry_base_seconds: float = Field(default=5.0, gt=0)  # first retry; doubles
     subscription_timeout_seconds: float = Field(default=10.0, gt=0)
-    subscription_poll_seconds: float = Field(default=0.1, gt=0)
+    subscription_poll_seconds: float = Field(default=0.05, gt=0)
     subscription_lease_seconds: float = Field(default=15.0, gt=0)
     subscription_concurrency: int = Field(default=32, ge=1)
     subscription_ca_file: Path | None = None  # CA bundle for https endpoints (default: system)

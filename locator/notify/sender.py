@@ -18,6 +18,7 @@ failure); each request has a timeout.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Sequence
@@ -65,6 +66,15 @@ class Outcome:
         return 200 <= self.status < 300
 
 
+def is_literal(endpoint: str) -> bool:
+    """An endpoint whose host is an IP address (resolving it needs no DNS)."""
+    try:
+        ipaddress.ip_address(urllib.parse.urlsplit(endpoint).hostname or "")
+    except ValueError:
+        return False
+    return True
+
+
 def header_pairs(lines: Sequence[str]) -> list[tuple[str, str]]:
     """channel.header lines (`Name: value`) as pairs (validated when the subscription was
     stored)."""
@@ -88,7 +98,12 @@ async def send(
 ) -> Outcome:
     """One request to a subscription's endpoint, to the address just checked."""
     try:
-        target = await asyncio.to_thread(resolve, endpoint, networks=networks, open_mode=open_mode)
+        if is_literal(endpoint):  # nothing to look up: no thread hop
+            target = resolve(endpoint, networks=networks, open_mode=open_mode)
+        else:
+            target = await asyncio.to_thread(
+                resolve, endpoint, networks=networks, open_mode=open_mode
+            )
     except EndpointRefusedError as exc:
         return Outcome(REFUSED, str(exc), None)
     parts = urllib.parse.urlsplit(endpoint)
