@@ -184,7 +184,8 @@ class Deliverer:
                 await asyncio.sleep(0)
 
     async def _cycle(self) -> bool:
-        handshakes, pending = await asyncio.to_thread(self._due, frozenset(self._in_flight))
+        due = await asyncio.to_thread(self._due, frozenset(self._in_flight))
+        handshakes, pending, studies = due
         started = False
         for channel in handshakes:
             if channel.id not in self._in_flight:
@@ -195,16 +196,20 @@ class Deliverer:
             runs.setdefault(item.channel.id, []).append(item)
         for sub_id, run in runs.items():
             if sub_id not in self._in_flight:
-                self._spawn(sub_id, self._deliver_run(run))
+                self._spawn(sub_id, self._deliver_run(run, studies))
                 started = True
         return started
 
-    def _due(self, in_flight: frozenset[str]) -> tuple[list[Channel], list[Pending]]:
+    def _due(
+        self, in_flight: frozenset[str]
+    ) -> tuple[list[Channel], list[Pending], dict[str, NotifiedStudy]]:
+        """What is due, and the studies the due notifications are about (read together)."""
         with read_connection(self.engine) as conn:
             requested = [c for c in queue.requested(conn, limit=50) if c.id not in in_flight]
             ready = [c for c in requested if self._settled(conn, c)]
             pending = queue.due(conn, now=now_utc(), limit=BATCH, skip=in_flight)
-        return ready, pending
+            studies = self.read_studies(conn, [p.study_id for p in pending]) if pending else {}
+        return ready, pending, studies
 
     def _settled(self, conn: Connection, channel: Channel) -> bool:
         """May this subscription's handshake go now? On PostgreSQL, not while a transaction
@@ -279,9 +284,8 @@ class Deliverer:
                 conn, channel=channel, ok=outcome.ok, reason=outcome.reason, now=now_utc()
             )
 
-    async def _deliver_run(self, run: list[Pending]) -> None:
+    async def _deliver_run(self, run: list[Pending], studies: dict[str, NotifiedStudy]) -> None:
         channel = run[0].channel
-        studies = await asyncio.to_thread(self._read, [item.study_id for item in run])
         result = _Result(channel)
         for item in run:
             study = studies.get(item.study_id)
@@ -299,10 +303,6 @@ class Deliverer:
         result.done = asyncio.get_running_loop().create_future()
         await self._results.put(result)
         await result.done
-
-    def _read(self, study_ids: list[str]) -> dict[str, NotifiedStudy]:
-        with read_connection(self.engine) as conn:
-            return self.read_studies(conn, study_ids)
 
     def _what(
         self, channel: Channel, study_id: str, study: NotifiedStudy | None

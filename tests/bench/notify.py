@@ -85,7 +85,7 @@ async def _handle(
                 acc = _accession(body)
                 if acc:
                     seen.append((acc, arrived))
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
         pass
     finally:
         writer.close()
