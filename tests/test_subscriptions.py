@@ -87,20 +87,20 @@ def test_handshake_then_oru_and_mpps_are_delivered_with_the_study(db_url: str) -
                 ct.create(mpps_create(patient_id=PATIENT, studies=[(uid, None)]), step).status == 0
             )
             assert ct.set(mpps_set(status="COMPLETED", series=[series_item()]), step).status == 0
-        got = rcv.wait_for(
+        rcv.wait_for(
             lambda rs: any(
                 r.method == "PUT" and r.json.get("status") == "available" and _has_uid(r, uid)
                 for r in rs
                 if r.body
             )
         )
-        notes = [r for r in got if not r.is_handshake]
+        _wait_outbox_empty(stk)  # the MPPS step's create and set: two more to come
+        notes = rcv.notifications()
+        assert len(notes) == 3  # the ORU, the N-CREATE, the N-SET
         # Only this patient's studies: the other patient's ORU produced nothing.
-        assert all(r.json["subject"]["identifier"]["value"] == PATIENT for r in notes if r.body)
+        assert all(r.json["subject"]["identifier"]["value"] == PATIENT for r in notes)
         ids = [r.notification_id for r in notes]
         assert len(ids) == len(set(ids))
-        rcv.wait_for(lambda rs: True)
-        _wait_outbox_empty(stk)
         audited = deliveries_audit(stk)
         assert {a.request_id for a in audited} == {f"notification-{i}" for i in ids}
         for row in audited:
