@@ -17,6 +17,7 @@ from tests.security_helpers import (
     AUDIENCE,
     ISSUER,
     SigningKey,
+    audit_rows,
     build_app,
     claims,
     jwks_document,
@@ -30,11 +31,11 @@ ENDPOINT = "https://127.0.0.1:9/care-record/hook"
 
 
 @pytest.fixture
-def served(db_url: str, tmp_path: Path) -> Iterator[tuple[str, SigningKey]]:
+def served(db_url: str, tmp_path: Path) -> Iterator[tuple[str, SigningKey, Any]]:
     key = rsa_key()
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(jwks_document(key)))
-    app, _factory = build_app(
+    app, factory = build_app(
         db_url,
         jwks=str(jwks),
         jwt_issuer=ISSUER,
@@ -42,7 +43,7 @@ def served(db_url: str, tmp_path: Path) -> Iterator[tuple[str, SigningKey]]:
         subscription_allowed_networks="127.0.0.0/8",
     )
     with serve_app(app) as url:
-        yield url, key
+        yield url, key, factory
 
 
 def auth(key: SigningKey, scope: str, client: str = "care-record-1") -> dict[str, str]:
@@ -68,13 +69,15 @@ def create(url: str, headers: dict[str, str], endpoint: str = ENDPOINT) -> httpx
     ],
 )
 def test_creating_needs_a_subscription_write_scope(
-    served: tuple[str, SigningKey], scope: str
+    served: tuple[str, SigningKey, Any], scope: str
 ) -> None:
-    url, key = served
+    url, key, factory = served
     response = create(url, auth(key, scope))
     assert response.status_code == 403
     assert "insufficient_scope" in response.headers["www-authenticate"]
     assert httpx.get(f"{url}/fhir/Subscription").status_code == 401
+    refused = [r for r in audit_rows(factory) if r.resource_type == "Subscription"]
+    assert [(r.outcome, r.client_id) for r in refused] == [(403, "care-record-1"), (401, None)]
 
 
 @pytest.mark.parametrize(
@@ -86,9 +89,9 @@ def test_creating_needs_a_subscription_write_scope(
     ],
 )
 def test_the_scopes_allow_and_a_client_sees_only_its_own(
-    served: tuple[str, SigningKey], write: str, read: str
+    served: tuple[str, SigningKey, Any], write: str, read: str
 ) -> None:
-    url, key = served
+    url, key, _factory = served
     created = create(url, auth(key, write))
     assert created.status_code == 201, created.text
     sub_id = created.json()["id"]
@@ -126,15 +129,15 @@ def test_the_scopes_allow_and_a_client_sees_only_its_own(
     )
 
 
-def test_with_tokens_an_endpoint_must_be_https(served: tuple[str, SigningKey]) -> None:
-    url, key = served
+def test_with_tokens_an_endpoint_must_be_https(served: tuple[str, SigningKey, Any]) -> None:
+    url, key, _factory = served
     response = create(url, auth(key, "system/Subscription.write"), endpoint="http://127.0.0.1:9/x")
     assert response.status_code == 422
     assert "https" in response.json()["issue"][0]["diagnostics"]
 
 
-def test_a_refused_token_is_401(served: tuple[str, SigningKey]) -> None:
-    url, _key = served
+def test_a_refused_token_is_401(served: tuple[str, SigningKey, Any]) -> None:
+    url, _key, _factory = served
     response = create(url, {"Authorization": "Bearer not-a-token"})
     assert response.status_code == 401
     body: dict[str, Any] = response.json()
