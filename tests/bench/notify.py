@@ -12,7 +12,10 @@ arrival with time.time()), and subscribes `--subscriptions` patients with payloa
 application/fhir+json. Phase 1: `--rate` ORU/s for `--seconds`, paced over 4 MLLP connections,
 each ORU for a random subscribed patient and a new study; latency = receiver arrival - ACK
 received, matched by accession. Phase 2: `--burst` ORUs as fast as 8 connections go;
-deliveries/s = deliveries / (last arrival - first arrival). Prints a JSON summary.
+deliveries/s = deliveries / (last arrival - first arrival), while the same process ingests.
+Phase 3: `--burst` more ORUs into a `serve --only mllp` (no deliverer), then one
+`serve --only api` delivers that backlog alone: deliveries/s without ingest beside it.
+Prints a JSON summary.
 Everything talks over loopback; the load generator, the receiver, the service and the
 database share this machine's cores.
 """
@@ -208,18 +211,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             acks = send_load(served.ports["mllp"], steady, connections=4, rate=args.rate)
             burst = messages_for(patients, args.burst, 500_000)
             burst_acks = send_load(served.ports["mllp"], burst, connections=8, rate=None)
-            expected = set(acks) | set(burst_acks)
-            deadline = time.monotonic() + 120
-            # The receiver reports when stopped: wait until the outbox has drained first.
-            _wait_drained(db, deadline)
-            arrivals = wait_arrivals(results, stop, expected, timeout=60)
+            _wait_drained(db, time.monotonic() + 300)
         finally:
             served.stop()
+        # Phase 3: a backlog written with no deliverer running (`--only mllp`), then one
+        # `--only api` process delivers it alone: deliveries/s without ingest beside it.
+        feeder = start_serve([*cmd, "--only", "mllp"], cwd=Path(folder), env=ENV, expect=("mllp",))
+        try:
+            backlog = messages_for(patients, args.burst, 800_000)
+            backlog_acks = send_load(feeder.ports["mllp"], backlog, connections=8, rate=None)
+        finally:
+            feeder.stop()
+        api = start_serve([*cmd, "--only", "api"], cwd=Path(folder), env=ENV, expect=("http",))
+        try:
+            _wait_drained(db, time.monotonic() + 300)
+        finally:
+            api.stop()
+    expected = set(acks) | set(burst_acks) | set(backlog_acks)
+    arrivals = wait_arrivals(results, stop, expected, timeout=60)
     latencies = [(arrivals[a] - t) * 1000 for a, t in acks.items() if a in arrivals]
     burst_times = sorted(arrivals[a] for a in burst_acks if a in arrivals)
-    rate = (
-        (len(burst_times) - 1) / (burst_times[-1] - burst_times[0]) if len(burst_times) > 1 else 0
-    )
+    backlog_times = sorted(arrivals[a] for a in backlog_acks if a in arrivals)
     return {
         "backend": "postgresql" if args.postgres else "sqlite",
         "subscriptions": args.subscriptions,
@@ -235,8 +247,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "burst_messages": len(burst_acks),
         "burst_delivered": len(burst_times),
-        "deliveries_per_second": round(rate, 1),
+        "deliveries_per_second_while_ingesting": _rate(burst_times),
+        "backlog_delivered": len(backlog_times),
+        "deliveries_per_second_alone": _rate(backlog_times),
     }
+
+
+def _rate(times: Sequence[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    return round((len(times) - 1) / (times[-1] - times[0]), 1)
 
 
 def _wait_drained(db: str, deadline: float) -> None:
