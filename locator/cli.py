@@ -265,6 +265,7 @@ async def start_listeners(
         )
         await api.start()
         listeners.append(api)
+        listeners.append(await start_deliverer(settings, engine, registry))
     if "mllp" in roles:
         from ingest.hl7_listener import start_mllp
 
@@ -274,6 +275,16 @@ async def start_listeners(
 
         listeners.append(await start_dicom(settings, session_factory=factory, registry=registry))
     return listeners
+
+
+async def start_deliverer(settings: Settings, engine: Engine, registry: TrustRegistry) -> Listener:
+    """The subscriptions' deliverer runs beside each API (one of them delivers: a lease)."""
+    from locator.api.subscriptions import study_reader
+    from locator.notify.deliverer import Deliverer
+
+    deliverer = Deliverer(settings, engine=engine, read_studies=study_reader(registry))
+    await deliverer.start()
+    return deliverer
 
 
 def announce(settings: Settings, listeners: list[Listener]) -> None:

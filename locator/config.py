@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     mpps_stale_after_hours: float = 24.0
     mpps_stale_sweep_seconds: float = 60.0
 
+    # Subscriptions (FHIR R4 rest-hook; docs/subscriptions.md)
+    subscription_allowed_networks: str = ""  # CIDRs an endpoint may resolve to beyond global
+    subscription_retry_hours: float = Field(default=24.0, gt=0)
+    subscription_retry_base_seconds: float = Field(default=5.0, gt=0)  # first retry; doubles
+    subscription_timeout_seconds: float = Field(default=10.0, gt=0)
+    subscription_poll_seconds: float = Field(default=0.05, gt=0)
+    subscription_lease_seconds: float = Field(default=15.0, gt=0)
+    subscription_concurrency: int = Field(default=32, ge=1)
+    subscription_ca_file: Path | None = None  # CA bundle for https endpoints (default: system)
+
     log_level: str = "INFO"
     access_log: bool = True
     db_pool_size: int = Field(default=10, ge=1)

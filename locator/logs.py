@@ -39,3 +39,6 @@ def configure_logging(level: str = "INFO") -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO: a subscription's endpoint is the subscriber's
+    # business (its query may carry a token), and one line per delivery is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -29,3 +29,8 @@ QUARANTINED_STUDIES = Gauge(
 AUDIT_WRITE_FAILURES = Counter(
     "locator_audit_write_failures", "Audit records that could not be written (data withheld)"
 )
+SUBSCRIPTION_DELIVERIES = Counter(
+    "locator_subscription_deliveries",
+    "Subscription notification attempts by outcome (delivered: a 2xx from the receiver)",
+    ["outcome"],
+)

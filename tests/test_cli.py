@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 
+from locator.store import migrate
 from tests.serve_helpers import serving
 
 
@@ -93,7 +94,7 @@ def test_postgres_needs_db_upgrade_before_serve(empty_db_url: str, tmp_path: Pat
     )
     assert refused.returncode != 0 and "locator db upgrade" in refused.stderr
     upgraded = run_locator("db", "upgrade", "--db", empty_db_url, cwd=tmp_path)
-    assert upgraded.returncode == 0 and "0001" in upgraded.stdout
+    assert upgraded.returncode == 0 and migrate.head_revision() in upgraded.stdout
     with serving(
         ["--only", "api", "--db", empty_db_url, "--demo-trusts"], cwd=tmp_path, expect=("http",)
     ) as served:

@@ -24,6 +24,7 @@ from locator.api.outcomes import install_error_handlers
 from locator.api.paging import CursorCodec, load_or_create_secret
 from locator.api.routes import fhir, ops
 from locator.api.security import install_security
+from locator.api.subscriptions import router as subscriptions
 from locator.config import Settings
 from locator.trusts import TrustRegistry
 
@@ -78,6 +79,7 @@ def create_app(
     # token checks' error responses, smart-configuration and AuditEvent routes (before ours).
     install_security(app, settings=settings, session_factory=session_factory)
     app.include_router(ops)
+    app.include_router(subscriptions)  # before fhir: its catch-all refuses writes
     app.include_router(fhir)
     mount_web(app)
     return app

@@ -285,21 +285,27 @@ def resource_of(request: Request) -> str:
 
 
 def authenticate(
-    request: Request, *, resources: tuple[str, ...], contexts: tuple[str, ...]
+    request: Request,
+    *,
+    resources: tuple[str, ...],
+    contexts: tuple[str, ...],
+    interaction: Interaction | None = None,
 ) -> Caller:
-    """The caller, checked for a scope on one of `resources` for this interaction."""
+    """The caller, checked for a scope on one of `resources` for this interaction (by
+    default the one the path shows: read or search)."""
     security = security_of(request)
     if security.jwks is None:
         caller = open_caller(request)
     else:
         claims = verify_token(bearer_token(request), jwks=security.jwks, settings=security.settings)
         caller = caller_from_claims(claims, request)
-        interaction = interaction_of(request)
+        interaction = interaction or interaction_of(request)
         if not any(
             allows(caller.scopes, resource=r, interaction=interaction, contexts=contexts)
             for r in resources
         ):
-            needed = f"{contexts[0]}/{resources[0]}.{'rs' if interaction == 'search' else 'r'}"
+            letter = {"search": "rs", "read": "r"}.get(interaction, interaction[0])
+            needed = f"{contexts[0]}/{resources[0]}.{letter}"
             raise ScopeError(
                 f"the token lacks a scope for this interaction ({needed})",
                 caller=caller,

@@ -64,6 +64,19 @@ def capability_statement(
         _resource("SearchParameter"),
         _resource("StructureDefinition"),
         audit_capability(),
+        _resource(
+            "Subscription",
+            "http://hl7.org/fhir/StructureDefinition/Subscription",
+            interaction=[
+                {"code": code} for code in ("read", "search-type", "create", "update", "delete")
+            ],
+            searchParam=[{"name": "status", "type": "token"}],
+            documentation=(
+                "rest-hook; criteria ImagingStudy?patient.identifier="
+                "https://fhir.nhs.uk/Id/nhs-number|<NHS Number> only; each delivery carries "
+                "X-Locator-Notification-Id"
+            ),
+        ),
         *extra_resources,
     ]
     return {
@@ -85,8 +98,8 @@ def capability_statement(
             {
                 "mode": "server",
                 "documentation": (
-                    "Read-only. A search must name a patient (NHS Number), an _id or a fully "
-                    f"qualified identifier. Custom search parameter: "
+                    "Read-only, but for Subscription. A search must name a patient (NHS "
+                    "Number), an _id or a fully qualified identifier. Custom search parameter: "
                     f"{ORGANIZATION_SEARCH_PARAMETER['url']}."
                 ),
                 "security": security_section(settings),

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-Interaction = Literal["read", "search"]
+Interaction = Literal["read", "search", "create", "update", "delete"]
 
 _SCOPE = re.compile(
     r"^(?P<context>patient|user|system)/(?P<resource>\*|[A-Z][A-Za-z]+)\."
@@ -27,14 +27,17 @@ _SCOPE = re.compile(
 )
 _V2_PERMISSIONS = re.compile(r"^c?r?u?d?s?$")
 V1_READ = frozenset({"read", "*"})
-V2_LETTER = {"read": "r", "search": "s"}
+V1_WRITE = frozenset({"write", "*"})
+READING = frozenset({"read", "search"})
+V2_LETTER = {"read": "r", "search": "s", "create": "c", "update": "u", "delete": "d"}
 
 
 def permits(permissions: str, interaction: Interaction) -> bool:
-    """True when a permission string (v1 or v2) allows the interaction."""
-    if permissions in V1_READ:
-        return True
-    if permissions == "write" or not _V2_PERMISSIONS.match(permissions):
+    """True when a permission string (v1 or v2) allows the interaction: v1 `read` allows
+    read and search, `write` create, update and delete, `*` all of them."""
+    if permissions in V1_READ | V1_WRITE:
+        return permissions in (V1_READ if interaction in READING else V1_WRITE)
+    if not _V2_PERMISSIONS.match(permissions):
         return False
     return V2_LETTER[interaction] in permissions
 
@@ -67,4 +70,8 @@ def supported_scopes() -> list[str]:
         "system/ImagingStudy.rs",
         "system/AuditEvent.read",
         "system/AuditEvent.rs",
+        "system/Subscription.read",
+        "system/Subscription.write",
+        "system/Subscription.rs",
+        "system/Subscription.cruds",
     ]

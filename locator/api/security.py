@@ -52,7 +52,7 @@ from locator.store.db import transaction
 
 log = logging.getLogger(__name__)
 
-AUDITED_REFUSAL_RESOURCES = frozenset({"ImagingStudy", AUDIT_RESOURCE})
+AUDITED_REFUSAL_RESOURCES = frozenset({"ImagingStudy", AUDIT_RESOURCE, "Subscription"})
 PATIENT_PARAMETERS = frozenset(
     {
         "patient.identifier",

@@ -267,6 +267,73 @@ class ServiceSetting(SQLModel, table=True):
     value: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class Subscription(SQLModel, table=True):
+    """A care record's FHIR R4 Subscription (rest-hook) to one patient's ImagingStudies.
+
+    `owner` is the client that made it (the token's client id, else its subject); `headers`
+    the channel.header lines as a JSON list. Delivery state lives here because delivery is in
+    order per subscription: `failing_since` / `attempts` / `next_attempt_at` describe the
+    notification at the head of its queue."""
+
+    __tablename__ = "subscription"
+    __table_args__ = (
+        Index("ix_subscription_nhs_number_status", "nhs_number", "status"),
+        Index("ix_subscription_owner_status", "owner", "status"),
+    )
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    owner: str = Field(sa_column=Column(String(200), nullable=False))
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    nhs_number: str = Field(sa_column=Column(String(10), nullable=False))
+    endpoint: str = Field(sa_column=Column(Text, nullable=False))
+    payload: str | None = Field(sa_column=Column(String(60)))
+    headers: str = Field(sa_column=Column(Text, nullable=False, server_default="[]"))
+    reason: str | None = Field(sa_column=Column(Text))
+    end_at: datetime | None = _ts(nullable=True)
+    error: str | None = Field(sa_column=Column(Text))
+    version: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("1")))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    attempts: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
+    failing_since: datetime | None = _ts(nullable=True)
+    next_attempt_at: datetime | None = _ts(nullable=True)
+
+
+class SubscriptionOutbox(SQLModel, table=True):
+    """A notification owed to a subscription: written in the transaction of the study change
+    that causes it (locator.core.outbox), deleted once delivered (locator.notify)."""
+
+    __tablename__ = "subscription_outbox"
+    # AUTOINCREMENT on SQLite: an id is never reused (it is the notification id receivers
+    # drop repeats by), even once every row has been delivered and deleted.
+    __table_args__ = (
+        Index("ix_subscription_outbox_subscription_id_id", "subscription_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    subscription_id: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("subscription.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    study_id: str = Field(sa_column=Column(String(32), nullable=False))
+    created_at: datetime = _ts()
+
+
+class ServiceLease(SQLModel, table=True):
+    """A job that one process of the deployment runs at a time (the subscription deliverer):
+    who holds it and until when."""
+
+    __tablename__ = "service_lease"
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    holder: str = Field(sa_column=Column(String(200), nullable=False))
+    expires_at: datetime = _ts()
+
+
 def _table(model: type[SQLModel]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -283,3 +350,6 @@ journal_table = _table(JournalEntry)
 mpps_step_table = _table(MppsStep)
 audit_table = _table(AuditRecord)
 service_setting_table = _table(ServiceSetting)
+subscription_table = _table(Subscription)
+subscription_outbox_table = _table(SubscriptionOutbox)
+service_lease_table = _table(ServiceLease)

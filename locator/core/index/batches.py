@@ -21,6 +21,7 @@ from locator.core.index.keys import KEY, Target, key_rows, keys_of
 from locator.core.index.patients import ASSERTION, LINK, assertion_rows, lock_local_ids
 from locator.core.index.studies import STUDY, apply_one, as_assertions, new_study
 from locator.core.notice import StudyNotice
+from locator.core.outbox import record_study_changes
 from locator.store.db import Reads, Writes, in_groups
 
 _TrustKey = tuple[str, str, str]  # (trust, kind, value)
@@ -175,3 +176,6 @@ def _create_all(conn: Connection, notices: Sequence[StudyNotice], writes: Writes
     writes.add(STUDY, studies)
     writes.add(KEY, keys)
     writes.add(ASSERTION, assertions)
+    changes = [(study["id"], study["nhs_number"], None) for study in studies]
+    if changes:
+        record_study_changes(conn, changes=changes, at=studies[0]["updated_at"])

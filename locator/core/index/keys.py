@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from locator.core.index.facts import columns_of_facts, facts_of_row
 from locator.core.index.patients import move_assertions
 from locator.core.notice import StudyRef
+from locator.core.outbox import record_study_changes
 from locator.store.models import study_key_table, study_table
 
 log = logging.getLogger("locator.core.index")
@@ -139,6 +140,8 @@ def merge_studies(conn: Connection, *, ids: tuple[str, str]) -> str:
             merged_into=survivor, nhs_number=None, version=STUDY.c.version + 1, updated_at=last_seen
         )
     )
+    merged = [(survivor, first.nhs_number, None), (loser, None, second.nhs_number)]
+    record_study_changes(conn, changes=merged, at=last_seen)
     log.info("merged study %s into %s", loser, survivor)
     return survivor
 

@@ -46,6 +46,7 @@ from locator.core.index.patients import (
 )
 from locator.core.nhs_number import mask
 from locator.core.notice import StudyNotice, StudyRef
+from locator.core.outbox import record_study_changes
 from locator.store.db import Reads
 from locator.store.models import study_table
 
@@ -142,7 +143,9 @@ def create_study(conn: Connection, notice: StudyNotice, target: Target, facts: S
     rows = assertion_rows(notice, target.id, notice.received_at)
     assertions = as_assertions(rows)
     links = links_of(conn, notice.trust_ods, assertions)
-    conn.execute(_INSERT_STUDY, new_study(notice, target, facts, assertions, links))
+    row = new_study(notice, target, facts, assertions, links)
+    conn.execute(_INSERT_STUDY, row)
+    record_study_changes(conn, changes=[(target.id, row["nhs_number"], None)], at=row["updated_at"])
     insert_keys(conn, notice.trust_ods, target.id, target.new_keys)
     conn.execute(INSERT_ASSERTION, rows)
 
@@ -171,6 +174,9 @@ def update_study(
         values["last_seen"] = max(row.last_seen, now)
     if changed or facts is not None:
         conn.execute(_UPDATE_STUDY, {"_study_id": study_id, **values})
+    if changed:  # subscribers of its patient, now and before (locator.core.outbox)
+        changes = [(study_id, values["nhs_number"], row.nhs_number)]
+        record_study_changes(conn, changes=changes, at=now)
     return changed
 
 
