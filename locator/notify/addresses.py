@@ -17,6 +17,8 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from locator.config import is_loopback
+
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -61,20 +63,11 @@ def check_url(url: str, *, open_mode: bool) -> urllib.parse.SplitResult:
         raise EndpointRefusedError("channel.endpoint must not carry credentials or a fragment")
     if port == 0:
         raise EndpointRefusedError("channel.endpoint has no usable port")
-    if parts.scheme == "http" and not (open_mode and _is_loopback_name(parts.hostname)):
+    if parts.scheme == "http" and not (open_mode and is_loopback(parts.hostname)):
         raise EndpointRefusedError(
             "channel.endpoint must be https (http only to loopback while the API is open)"
         )
     return parts
-
-
-def _is_loopback_name(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def allowed(address: IpAddress, networks: Sequence[IpNetwork]) -> bool:

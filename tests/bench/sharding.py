@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
-import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,8 +55,9 @@ from tests.bench.service import REPO, Service, postgres_database, postgres_serve
 DEFAULT_OUT = REPO / "tests" / "bench" / "results"
 PROBES = 2_000  # patients (and ids) asked in the database-only measurement
 
-# The plain patient search as locator.api.query sends it (first page, default sort): one
-# patient, linked, not merged away, newest first, one more row than the page.
+# The plain patient search's conditions and order as locator.api.query builds them (first
+# page, default sort, fewer columns): one patient, linked, not merged away, newest first, one
+# more row than the page.
 PATIENT_SEARCH = (
     "SELECT id, trust_ods, study_uid, accession, nhs_number, status, sort_time FROM study "
     "WHERE patient_state = 'linked' AND merged_into IS NULL AND status <> 'entered-in-error' "
@@ -275,18 +275,12 @@ class Fdw:
     remote_plan_scans: int = 0
 
 
-@contextmanager
-def second_server(workdir: Path) -> Iterator[str]:
-    with postgres_server(None, workdir) as url:
-        yield url
-
-
 def fdw_stage(server: str, studies: int, partitions: int, workdir: Path) -> Fdw:
     """Half the partitions on a second server as foreign tables; search cost by location."""
     result = Fdw(studies, partitions)
     with (
         postgres_database(server, "fdw") as url,
-        second_server(workdir) as remote_server,
+        postgres_server(None, workdir) as remote_server,
         postgres_database(remote_server, "remote") as remote_url,
     ):
         trusts = make_trusts(TRUSTS)
@@ -418,11 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"postgres_fdw: {args.fdw_studies:,} studies, half of 8 partitions remote")
             fdw = fdw_stage(server, args.fdw_studies, 8, work)
             log(f"  local p50 {fdw.local_p50_us} µs, remote p50 {fdw.remote_p50_us} µs")
-    machine = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     results = {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": machine,
+        "cores": os.cpu_count(),
         "command": "python -m tests.bench.sharding " + " ".join(argv or []),
         "variants": [asdict(v) | {"label": v.label} for v in variants],
         "fdw": asdict(fdw) if fdw else None,
